@@ -1,0 +1,188 @@
+"""`mistral-tune <command> [hydra overrides]` (also `python -m mistral_tune ...`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from mistral_tune.errors import UserError
+
+USAGE = """usage: mistral-tune <command> [key=value ...] [-m]
+
+Turn a Mistral base model into an instruct model. Commands:
+  data       build chat-templated, tokenized, masked datasets into run_dir/data
+  sft        supervised fine-tuning (full, LoRA, QLoRA) into run_dir/sft
+  dpo        preference tuning from run_dir/sft into run_dir/dpo
+  merge      merge adapters into full-precision weights: run_dir/merged
+  eval       evaluate base, SFT and DPO models (not yet available)
+  push       upload run_dir/merged to the Hugging Face Hub (push.repo_id=org/name)
+  pipeline   data -> sft -> dpo -> merge (-> push)
+  tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
+  plan       parameters, steps and memory estimate (not yet available)
+
+Overrides are Hydra's: run_dir=runs/x model=mistral_7b_v0_1 peft=lora sft.trainer.max_steps=10
+logger=none experiment=zephyr_7b_beta_qlora; -m sweeps (job k writes to run_dir/k).
+Show the composed config with: mistral-tune <command> --cfg
+Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
+"""
+
+NOT_YET = {
+    "eval": "`mistral-tune eval` is not implemented yet (tracked in the issue 'Know what you trained')",
+    "plan": "`mistral-tune plan` is not implemented yet (tracked in the issue 'Know what you trained')",
+}
+COMMANDS = ("data", "sft", "dpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
+log = logging.getLogger("mistral_tune")
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Launchers (torch.distributed.launch, deepspeed) append --local_rank=N, which Hydra's parser
+    rejects; the rank is in the environment anyway."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if re.fullmatch(r"--local[_-]rank=\d+", arg):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="[mistral_tune] %(message)s" if rank == 0 else f"[mistral_tune rank {rank}] %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+
+
+def run_command(command: str, cfg, overrides: list[str]):
+    from mistral_tune import data, dpo, merge, pipeline, push, sft
+
+    if command == "pipeline":
+        return pipeline.run(cfg, overrides)
+    if command == "tokenizer":
+        return write_tokenizer(cfg)
+    stage = {"data": data, "sft": sft, "dpo": dpo, "merge": merge, "push": push}[command]
+    return stage.run(cfg)
+
+
+def write_tokenizer(cfg) -> Path:
+    """`mistral-tune tokenizer`: the HF tokenizer and chat template of the chosen template."""
+    from mistral_tune.modeling import resolve_template
+    from mistral_tune.runs import is_main_process
+    from mistral_tune.tokenizer import build_hf_tokenizer, save_tokenizer
+
+    out = Path(cfg.run_dir) / "tokenizer"
+    if is_main_process():
+        save_tokenizer(build_hf_tokenizer(resolve_template(cfg)), out)
+    return out
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """The first job's overrides of a sweep, to validate the config before any job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            value = next(iter(o.sweep_string_iterator()))
+            first.append(f"{o.get_key_element()}={value}")
+        else:
+            first.append(o.input_line)
+    return first
+
+
+def _multirun(command: str, overrides: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mistral_tune.config import CONFIG_DIR, compose, setup
+
+    try:
+        compose(_first_of_sweeps(overrides))
+    except UserError:
+        raise
+    except Exception:
+        pass  # sweeps the simple check cannot expand: Hydra reports its own errors below
+    setup()
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def job(cfg):
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir  # <run_dir>/<job number>
+        job_overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
+        try:
+            run_command(command, cfg, job_overrides + [f"run_dir={cfg.run_dir}"])
+        except UserError as err:
+            _report(command, err)
+            sys.exit(2)
+
+    saved = sys.argv
+    sys.argv = [saved[0], "-m", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _report(command: str, err: UserError) -> None:
+    if os.environ.get("MISTRAL_TUNE_TRACEBACK"):
+        import traceback
+
+        traceback.print_exc()
+    print(f"mistral-tune {command}: error: {err}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"mistral-tune: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if command in NOT_YET:
+        print(f"mistral-tune {command}: {NOT_YET[command]}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        if "-m" in overrides or "--multirun" in overrides:
+            return _multirun(command, [o for o in overrides if o not in ("-m", "--multirun")])
+        from mistral_tune.config import compose, to_container
+
+        show_cfg = "--cfg" in overrides
+        overrides = [o for o in overrides if o != "--cfg"]
+        cfg = compose(overrides)
+        if show_cfg:
+            import yaml
+
+            print(yaml.safe_dump(to_container(cfg), sort_keys=False))
+            return 0
+        result = run_command(command, cfg, overrides)
+        if isinstance(result, Path):
+            log.info("%s: output in %s", command, result)
+        return 0
+    except UserError as err:
+        _report(command, err)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mistral-tune {command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,126 @@
+"""Composing the Hydra config, and turning Hydra's errors into one-line user errors."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mistral_tune.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DATA_DIR = REPO_ROOT / "data"
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("bundled"):
+        # Absolute path of a bundled data file, so runs work from any working directory.
+        OmegaConf.register_new_resolver("bundled", lambda name: str(DATA_DIR / name))
+
+
+def setup() -> None:
+    """Register the schema and resolvers; idempotent."""
+    from mistral_tune import schema
+
+    _register_resolvers()
+    schema.register()
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The resolved config for these command-line overrides, or a UserError naming the bad key."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    setup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+        OmegaConf.resolve(cfg)
+    except Exception as err:  # Hydra and OmegaConf raise many types; all are user errors here
+        raise UserError(explain_config_error(err)) from None
+    return cfg
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full))
+    return keys
+
+
+def _known_keys() -> list[str]:
+    from mistral_tune.schema import Config
+
+    return _all_keys(OmegaConf.structured(Config))
+
+
+def explain_config_error(err: BaseException) -> str:
+    """One or two lines: what is wrong, with which key, and the likely fix."""
+    chain = []
+    e: BaseException | None = err
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(str(x) for x in chain)
+    full_key = None
+    for x in chain:
+        if isinstance(x, OmegaConfBaseException) and getattr(x, "full_key", None):
+            full_key = x.full_key
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' (?:is )?not in", text)
+    if re.search(r"Key '[^']+' (is )?not in", text):
+        key = full_key or (m.group(1) if m else "?")
+        key = re.sub(r"^[+~]+", "", key)
+        from mistral_tune.schema import OWNED_TRAINER_FIELDS
+
+        stage_key = re.fullmatch(r"(sft|dpo)\.trainer\.(\w+)", key)
+        if stage_key and stage_key.group(2) in OWNED_TRAINER_FIELDS:
+            return f"'{key}' is set by mistral_tune: {OWNED_TRAINER_FIELDS[stage_key.group(2)]}"
+        hint = ""
+        close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.75)
+        if close:
+            hint = f" (did you mean '{close[0]}'?)"
+        return f"unknown config key '{key}'{hint}"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if m:
+        group, choice = m.groups()
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        return f"no config '{choice}' in group '{group}'; choose one of: {', '.join(options)}"
+    first_line = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+    where = f"{full_key}: " if full_key else ""
+    return f"invalid config: {where}{first_line}"
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain dict of the config with unset (MISSING) trainer fields left out."""
+    return _drop_missing(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def _drop_missing(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_missing(v) for k, v in node.items() if v != "???"}
+    if isinstance(node, list):
+        return [_drop_missing(v) for v in node]
+    return node
+
+
+def trainer_kwargs(node: DictConfig) -> dict:
+    """The TRL arguments the user (or a config file) set, ready for SFTConfig/DPOConfig(**kw)."""
+    return to_container(node)
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (configs, file lists)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

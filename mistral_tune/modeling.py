@@ -1,0 +1,165 @@
+"""Models: the tiny random base, loading checkpoints, PEFT settings, and rebuilding a policy
+from a base plus a chain of adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mistral_tune.errors import UserError
+from mistral_tune.runs import is_main_process, wait_for_everyone
+
+log = logging.getLogger("mistral_tune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_template(cfg: DictConfig) -> str:
+    name = cfg.template.name
+    return cfg.model.default_template if name == "auto" else name
+
+
+def resolve_peft(cfg: DictConfig) -> str:
+    method = cfg.peft.method
+    method = cfg.model.default_peft if method == "auto" else method
+    if method not in ("none", "lora", "qlora"):
+        raise UserError(f"peft.method={method!r} is not one of none, lora, qlora")
+    if method == "qlora":
+        if not torch.cuda.is_available():
+            raise UserError(
+                "peft=qlora needs a CUDA GPU (bitsandbytes 4-bit); none is available here",
+                hint="use peft=lora on this machine",
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("peft=qlora needs bitsandbytes", hint="pip install -e '.[gpu]'")
+    return method
+
+
+def resolve_dtype(cfg: DictConfig) -> torch.dtype:
+    name = cfg.model.dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_attn(cfg: DictConfig) -> str:
+    name = cfg.model.attn_implementation
+    has_fa2 = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        # FlashAttention-2 takes Mistral's sliding window from config.sliding_window (transformers
+        # passes it to flash_attn_func as window_size); SDPA gets it through the causal mask.
+        return "flash_attention_2" if torch.cuda.is_available() and has_fa2 else "sdpa"
+    if name == "flash_attention_2" and not (torch.cuda.is_available() and has_fa2):
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package",
+            hint="use model.attn_implementation=sdpa (or auto)",
+        )
+    return name
+
+
+def tiny_config(cfg: DictConfig, vocab_size: int):
+    from transformers import MistralConfig
+
+    fields = OmegaConf.to_container(cfg.model.config, resolve=True)
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = vocab_size
+    try:
+        return MistralConfig(**fields, bos_token_id=1, eos_token_id=2)
+    except TypeError as err:
+        raise UserError(f"model.config: {err}") from None
+
+
+def ensure_base(cfg: DictConfig, tokenizer) -> str:
+    """Path or hub id of the base model. A random tiny base is saved once to run_dir/base, so every
+    later stage (DPO, merge, eval) starts from the same weights."""
+    if cfg.model.name_or_path:
+        path = Path(cfg.model.name_or_path)
+        if (path.is_absolute() or str(path).startswith(".")) and not path.exists():
+            raise UserError(f"model.name_or_path={cfg.model.name_or_path!r} does not exist")
+        return str(cfg.model.name_or_path)
+    base = Path(cfg.run_dir) / "base"
+    if not (base / "config.json").exists() and is_main_process():
+        from transformers import MistralForCausalLM
+
+        config = tiny_config(cfg, len(tokenizer))
+        torch.manual_seed(cfg.model.init_seed)
+        model = MistralForCausalLM(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tmp = base.with_name("base.tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(base)
+        n = sum(p.numel() for p in model.parameters())
+        log.info("built a random Mistral-architecture base (%.1fM parameters, seed %d) in %s",
+                 n / 1e6, cfg.model.init_seed, base)
+    wait_for_everyone()
+    return str(base)
+
+
+def load_model(path: str, cfg: DictConfig, quantize: bool = False, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        dtype=dtype or resolve_dtype(cfg),
+        attn_implementation=resolve_attn(cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+    )
+    if cfg.model.revision and path == cfg.model.name_or_path:
+        kwargs["revision"] = cfg.model.revision
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.peft.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.peft.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load model from {path!r}: {str(err).splitlines()[0]}") from None
+
+
+def lora_config(cfg: DictConfig):
+    from peft import LoraConfig
+
+    targets = cfg.peft.target_modules
+    if not isinstance(targets, str):
+        targets = list(targets)
+    return LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.lora_alpha,
+        lora_dropout=cfg.peft.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.peft.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(cfg: DictConfig, model_ref: dict, dtype: torch.dtype | None = None):
+    """A base model with every adapter of the chain merged in, in full precision.
+
+    Merging goes into full-precision weights, never into 4-bit ones (merged QLoRA models lose
+    quality when the adapter is folded into quantised weights)."""
+    from peft import PeftModel
+
+    model = load_model(model_ref["base"], cfg, dtype=dtype)
+    for adapter in model_ref.get("adapters", []):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+def model_ref_after(stage_out: Path, method: str, previous: dict) -> dict:
+    """How to rebuild the model a training stage produced: a base plus the adapters to merge."""
+    if method == "none":
+        return {"base": str(stage_out), "adapters": []}
+    return {"base": previous["base"], "adapters": [*previous.get("adapters", []), str(stage_out)]}

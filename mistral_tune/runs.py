@@ -1,0 +1,136 @@
+"""The run folder: where each stage writes, its manifest, and which process may write.
+
+A stage writes `DIR/<stage>/config.yaml` (the resolved config) when it starts and
+`DIR/<stage>/manifest.json` last: a manifest means the stage finished. The next stage reads the
+previous stage's manifest, never its Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from mistral_tune.config import fingerprint, to_container
+from mistral_tune.errors import UserError
+
+log = logging.getLogger("mistral_tune")
+
+MANIFEST = "manifest.json"
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or the only process). Read from the launcher's environment, so it
+    works before torch.distributed is initialised."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    return Path(cfg.run_dir) / stage
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name and rename into place: a kill mid-write leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def stage_config(cfg: DictConfig, stage: str) -> dict:
+    """The part of the config that decides a stage's output (for skip/resume decisions)."""
+    full = to_container(cfg)
+    paths = {
+        "data": ["template", "data.on_error", "sft.data", "dpo.data", "model.default_template"],
+        "sft": ["model", "template", "peft", "sft", "seed"],
+        "dpo": ["model", "template", "peft", "dpo", "seed"],
+        "merge": ["merge"],
+        "push": ["push"],
+    }[stage]
+    picked = {}
+    for path in paths:
+        node = full
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[path] = node
+    for k in ("sft", "dpo"):  # logging and checkpoint cadence do not change the result
+        trainer = (picked.get(k) or {}).get("trainer")
+        if trainer:
+            picked[k]["trainer"] = {n: v for n, v in trainer.items() if not n.startswith(("logging_", "save_"))}
+    return picked
+
+
+def read_manifest(cfg: DictConfig, stage: str) -> dict | None:
+    path = stage_dir(cfg, stage) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_done(cfg: DictConfig, stage: str, inputs: dict | None = None) -> dict | None:
+    """The stage's manifest if it finished with this same config (skip it), None to (re)run it.
+
+    A finished stage whose recorded config differs is an error unless `force=true`: never a
+    silent overwrite, never a silent reuse.
+    """
+    manifest = read_manifest(cfg, stage)
+    if manifest is None:
+        return None
+    key = fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}})
+    if manifest.get("fingerprint") == key:
+        log.info("%s: already complete in %s, skipping (force=true to redo)", stage, stage_dir(cfg, stage))
+        return manifest
+    if cfg.force:
+        log.info("%s: config changed and force=true: redoing the stage", stage)
+        return None
+    raise UserError(
+        f"{stage_dir(cfg, stage)} holds a finished {stage} stage made with a different config",
+        hint="use a new run_dir=..., or force=true to redo it in place",
+    )
+
+
+def write_stage_config(cfg: DictConfig, stage: str) -> None:
+    if is_main_process():
+        path = stage_dir(cfg, stage) / "config.yaml"
+        atomic_write_text(path, yaml.safe_dump(to_container(cfg), sort_keys=False))
+
+
+def finish_stage(cfg: DictConfig, stage: str, payload: dict, inputs: dict | None = None) -> dict:
+    """Write the manifest last: from now on the stage counts as complete."""
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}}),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **payload,
+    }
+    if is_main_process():
+        write_json(stage_dir(cfg, stage) / MANIFEST, manifest)
+    return manifest
+
+
+def require_manifest(cfg: DictConfig, stage: str, needed_by: str) -> dict:
+    manifest = read_manifest(cfg, stage)
+    if manifest is None:
+        raise UserError(
+            f"{needed_by} needs a finished {stage} stage in {stage_dir(cfg, stage)}, found none",
+            hint=f"run `mistral-tune {stage} run_dir={cfg.run_dir}` first (or `mistral-tune pipeline`)",
+        )
+    return manifest

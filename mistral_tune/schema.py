@@ -1,0 +1,195 @@
+"""The typed config contract, registered in Hydra's ConfigStore.
+
+Every node is a dataclass, so a misspelt key (``sft.trainer.learning_rat=1``) or a value of the
+wrong type is a composition error, never a silently ignored value. The per-stage TRL arguments
+(``sft.trainer.*``, ``dpo.trainer.*``) are dataclasses generated from TRL's own ``SFTConfig`` and
+``DPOConfig`` fields, so every argument the pinned TRL accepts can be set from the command line,
+and nothing else can. Unset trainer fields stay ``???`` (MISSING) and TRL's own default applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# Arguments that mistral_tune owns: the run_dir decides where outputs go, the logger group decides
+# where metrics go, and tokens come from the environment only (never from a config that gets
+# written next to every output).
+OWNED_TRAINER_FIELDS = {
+    "output_dir": "outputs go to run_dir/<stage>; set run_dir=...",
+    "report_to": "set logger=wandb or logger=none",
+    "run_name": "W&B runs are named after the stage",
+    "hub_token": "tokens come from HF_TOKEN or `hf auth login`, never from a config",
+    "push_to_hub": "use `mistral-tune push push.repo_id=...`",
+    "logging_dir": "logs go to run_dir",
+}
+
+_PRIMITIVES = (bool, int, float, str)
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a TRL field annotation onto a type OmegaConf can validate, or Any."""
+    if annotation in _PRIMITIVES:
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and args[0] in _PRIMITIVES:
+            return Optional[args[0]]
+    return Any
+
+
+def trainer_schema(trl_config_cls: type, name: str) -> type:
+    """A dataclass with one MISSING-by-default field per argument of ``trl_config_cls``."""
+    hints = typing.get_type_hints(trl_config_cls)
+    fields = [
+        (f.name, _omegaconf_type(hints.get(f.name, Any)), field(default=MISSING))
+        for f in dataclasses.fields(trl_config_cls)
+        if f.init and f.name not in OWNED_TRAINER_FIELDS
+    ]
+    return dataclasses.make_dataclass(name, fields)
+
+
+def _trl_configs() -> tuple[type, type]:
+    from trl import DPOConfig, SFTConfig
+
+    return SFTConfig, DPOConfig
+
+
+_SFT, _DPO = _trl_configs()
+SFTTrainerArgs = trainer_schema(_SFT, "SFTTrainerArgs")
+DPOTrainerArgs = trainer_schema(_DPO, "DPOTrainerArgs")
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local folder of a pretrained checkpoint; null builds a randomly initialised
+    # Mistral-architecture model from `config` below (the tiny default).
+    name_or_path: Optional[str] = None
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) of name_or_path
+    # MistralConfig fields for a randomly initialised model (ignored when name_or_path is set).
+    config: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0  # seed of the random initialisation, so the tiny base is reproducible
+    default_template: str = "mistral_v1"  # chat format used when template=auto
+    default_peft: str = "lora"  # training method used when peft=auto
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
+    trust_remote_code: bool = False  # never run a checkpoint's own code unless you ask for it
+
+
+@dataclass
+class TemplateConfig:
+    name: str = "auto"  # auto | mistral_v1 | mistral_v3 | mistral_v7
+    # Which tokens carry a loss: assistant (every assistant turn and its EOS), last_assistant,
+    # or all (prompt too).
+    train_on: str = "assistant"
+
+
+@dataclass
+class PeftConfig:
+    method: str = "auto"  # auto (the model's default_peft) | none (full) | lora | qlora
+    r: int = 16  # LoRA rank: higher is more capacity and memory
+    lora_alpha: int = 16  # LoRA scale is lora_alpha / r
+    lora_dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    use_rslora: bool = False
+    # QLoRA only: bitsandbytes 4-bit settings of the frozen base.
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+
+@dataclass
+class DataConfig:
+    on_error: str = "raise"  # raise: stop at the first bad row; skip: drop it, listed in rejects.jsonl
+    show: int = 0  # print this many rendered examples with the trained spans marked
+    num_proc: Optional[int] = None  # processes for tokenisation (datasets.map)
+
+
+@dataclass
+class StageData:
+    # Local files, folders or globs (.jsonl, .json, .parquet, .csv).
+    files: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
+    # Rows longer than this many tokens are dropped and counted in report.json; never truncated
+    # silently (a truncated row can lose its EOS).
+    max_length: int = 1024
+    limit: Optional[int] = None  # keep only the first N rows (smoke tests)
+
+
+@dataclass
+class SFTStage:
+    data: StageData = field(default_factory=StageData)
+    trainer: SFTTrainerArgs = field(default_factory=SFTTrainerArgs)
+
+
+@dataclass
+class DPOStage:
+    enabled: bool = True  # the pipeline skips DPO when false
+    data: StageData = field(default_factory=StageData)
+    trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
+
+
+@dataclass
+class MergeConfig:
+    dtype: str = "auto"  # dtype of the saved merged weights: auto keeps the training dtype
+    # The merged model's logits must match the adapter model's on a probe batch within this
+    # absolute tolerance before the merge is marked complete.
+    atol: float = 1e-3
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class PushConfig:
+    repo_id: Optional[str] = None  # org/name; the pipeline pushes when this is set
+    private: bool = True
+    revision: Optional[str] = None  # branch to push to (created if missing)
+    include_adapters: bool = False  # also upload the adapters under adapters/<stage>
+    dry_run: bool = False  # list what would be uploaded, upload nothing
+    commit_message: str = "Upload model trained with mistral_tune"
+    max_retries: int = 5
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "none"  # none: stages run in this process; else accelerate launch per stage
+    config_file: Optional[str] = None  # accelerate config (launch/accelerate/*.yaml)
+    num_processes: int = 1
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "mistral_tune"
+    entity: Optional[str] = None
+    # auto: online when a W&B API key is configured and the host answers, else offline.
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"  # everything a run writes; never a timestamp (ranks must agree)
+    seed: int = 42
+    force: bool = False  # re-run a completed stage whose recorded config differs
+    model: ModelConfig = field(default_factory=ModelConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTStage = field(default_factory=SFTStage)
+    dpo: DPOStage = field(default_factory=DPOStage)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)

@@ -1,0 +1,403 @@
+"""Read user data files for SFT and DPO, normalise every row, and account for every bad one.
+
+Every row read is either kept (normalised) or rejected with its file, row, field and reason:
+frameworks that drop malformed rows without a count train on less data than the user thinks.
+
+Normalised rows:
+  sft: {"messages": [{"role", "content"}, ...]}  optional leading system, then user/assistant
+       strictly alternating, ending with assistant.
+  dpo: {"prompt": [messages ending with user], "chosen": str, "rejected": str}
+
+Formats (`fmt`, or detected per row when "auto"):
+  sft: messages (OpenAI), sharegpt (conversations/from/value), alpaca (instruction/input/output),
+       prompt_completion (prompt/completion strings, or messages)
+  dpo: preference (prompt + chosen/rejected: strings, or conversations ending with the assistant
+       reply as in UltraFeedback-binarized; the prompt may then be omitted)
+
+Row numbers are 1-based: the line number for .jsonl, the record index otherwise (for .csv the
+header is not counted). Message positions inside a field are 0-based, as in `messages[2].role`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from mistral_tune.errors import UserError
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+# One DPO layout: prompt + chosen/rejected, each of chosen/rejected a string or a message list
+# (UltraFeedback-binarized: the full conversation whose last message is the assistant reply).
+DPO_FORMATS = ("preference",)
+ROLES = ("system", "user", "assistant")
+_OPENAI_ROLES = {r: r for r in ROLES}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant",
+                  "user": "user", "assistant": "assistant"}
+# Auto-detection, checked in order: a row is in the first format whose columns it has (non-null).
+_SFT_DETECT = (("messages", ("messages",)), ("sharegpt", ("conversations",)),
+               ("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion")))
+SKIP_HINT = "fix the row, or set data.on_error=skip to skip bad rows (each is counted and reported)"
+# CSV cells can only hold text; these columns may hold a JSON-encoded message list.
+_LIST_COLUMNS = ("messages", "conversations", "prompt", "chosen", "rejected", "completion")
+
+
+@dataclass
+class Reject:
+    file: str
+    row: int
+    field: str
+    reason: str
+    raw: object  # the original row, or the line text when it was not JSON
+
+
+@dataclass
+class LoadResult:
+    rows: list[dict]
+    rejects: list[Reject]
+    read: int  # == len(rows) + len(rejects)
+    per_file: dict[str, dict]  # file -> {"read", "kept", "rejected"}
+
+
+class _RowError(Exception):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+def load_rows(files: list[str], kind: str, on_error: str = "raise", fmt: str = "auto") -> LoadResult:
+    """Read, detect the format of, and normalise every row of `files` (files, folders or globs)."""
+    if kind not in ("sft", "dpo"):
+        raise UserError(f"unknown data kind {kind!r}; expected 'sft' or 'dpo'")
+    if on_error not in ("raise", "skip"):
+        raise UserError(f"unknown data.on_error={on_error!r}; expected 'raise' or 'skip'")
+    formats = SFT_FORMATS if kind == "sft" else DPO_FORMATS
+    if fmt != "auto" and fmt not in formats:
+        raise UserError(f"unknown {kind} data format {fmt!r}; expected 'auto' or one of {', '.join(formats)}")
+
+    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
+    for path in expand_files(files):
+        name = str(path)
+        counts = result.per_file[name] = {"read": 0, "kept": 0, "rejected": 0}
+        for row_no, raw, value in _read_file(path):
+            counts["read"] += 1
+            result.read += 1
+            try:
+                if isinstance(value, _RowError):
+                    raise value
+                result.rows.append(_normalise(value, kind, fmt))
+                counts["kept"] += 1
+            except _RowError as err:
+                where = f"line {row_no}" if path.suffix.lower() == ".jsonl" else f"row {row_no}"
+                if on_error == "raise":
+                    raise UserError(f"{name}, {where}, field {err.field}: {err.reason}", hint=SKIP_HINT) from None
+                result.rejects.append(Reject(name, row_no, err.field, err.reason, raw))
+                counts["rejected"] += 1
+    return result
+
+
+def write_rejects(rejects: list[Reject], path: str | os.PathLike) -> None:
+    """Write one JSON object per line: {file, row, field, reason, raw}."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(asdict(r), ensure_ascii=False, default=str) + "\n")
+
+
+def expand_files(files: list[str]) -> list[Path]:
+    """Files as given, folders as their supported files (recursive, sorted), globs sorted."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    if not files:
+        raise UserError("no data files given")
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for given in map(os.fspath, files):
+        spec = os.path.expanduser(given)
+        if any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise UserError(f"no files match {given!r}")
+            paths = [p for m in matches for p in (_folder_files(Path(m)) if os.path.isdir(m) else [Path(m)])]
+        elif os.path.isdir(spec):
+            paths = _folder_files(Path(spec))
+            if not paths:
+                raise UserError(f"folder {given!r} holds no {'/'.join(EXTENSIONS)} files")
+        elif os.path.exists(spec):
+            paths = [Path(spec)]
+        else:
+            raise UserError(f"data file not found: {given!r}")
+        for p in paths:
+            if p.suffix.lower() not in EXTENSIONS:
+                raise UserError(f"unsupported data file extension {p.suffix!r}: {str(p)!r} "
+                                f"(supported: {', '.join(EXTENSIONS)})")
+            # Reading a file twice would silently duplicate its rows.
+            if p.resolve() in seen:
+                raise UserError(f"data file listed twice: {str(p)!r}")
+            seen.add(p.resolve())
+            out.append(p)
+    return out
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if p.is_file() and p.suffix.lower() in EXTENSIONS and not any(s.startswith(".") for s in rel):
+            found.append(p)
+    return found
+
+
+# ---------------------------------------------------------------- readers: (row, raw, value)
+
+def _read_file(path: Path) -> Iterator[tuple[int, object, object]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    return _read_csv(path)
+
+
+def _read_jsonl(path: Path):
+    with open(path, "rb") as f:
+        for line_no, data in enumerate(f, 1):
+            if line_no == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raw = data.decode("utf-8", "replace").rstrip("\r\n")
+                yield line_no, raw, _RowError("<json>", "line is not valid UTF-8")
+                continue
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue  # blank lines are not rows
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, text, _RowError("<json>", f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            yield line_no, value, value
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid JSON file ({e}); for one JSON object per line use .jsonl") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of rows, or an object holding one list")
+    for i, row in enumerate(data, 1):
+        yield i, row, row
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise UserError(f"{path}: cannot read parquet file ({e})") from None
+    for i, row in enumerate(rows, 1):
+        yield i, row, row
+
+
+def _read_csv(path: Path):
+    csv.field_size_limit(sys.maxsize)  # long conversations exceed the 128 KiB default
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        for i, cells in enumerate(reader, 1):
+            if not cells:
+                continue
+            raw = dict(zip(header, cells))
+            if len(cells) != len(header):
+                yield i, cells, _RowError("<row>", f"row has {len(cells)} cells, header has {len(header)}")
+                continue
+            yield i, raw, {k: _cell(k, v) for k, v in raw.items()}
+
+
+def _cell(column: str, text: str) -> Any:
+    if column in _LIST_COLUMNS and text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+            return value
+    return text
+
+
+# ---------------------------------------------------------------- normalisers
+
+def _normalise(row: object, kind: str, fmt: str) -> dict:
+    if not isinstance(row, dict):
+        raise _RowError("<row>", f"row is not an object (got {_type(row)})")
+    if kind == "dpo":
+        if fmt == "auto" and not _has(row, "prompt", "chosen", "rejected"):
+            raise _unknown(row, "prompt/chosen/rejected (preference pairs)")
+        prompt, (chosen, rejected) = _prompt_and_replies(row, ("chosen", "rejected"))
+        if chosen.strip() == rejected.strip():
+            raise _RowError("rejected", "chosen and rejected are identical")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    if fmt == "auto":
+        fmt = next((name for name, keys in _SFT_DETECT if _has(row, *keys)), None)
+        if fmt is None:
+            raise _unknown(row, "messages (OpenAI), conversations (ShareGPT), "
+                                "instruction/input/output (Alpaca), prompt/completion")
+    if fmt == "messages":
+        messages = _messages(row, "messages", "role", "content", _OPENAI_ROLES)
+        _check_order(messages, "messages", "role", "assistant")
+        return {"messages": messages}
+    if fmt == "sharegpt":
+        messages = _messages(row, "conversations", "from", "value", SHAREGPT_ROLES)
+        _check_order(messages, "conversations", "from", "assistant")
+        return {"messages": messages}
+    if fmt == "alpaca":
+        instruction, output = _text(row, "instruction"), _text(row, "output")
+        extra = _get(row, "input")
+        if extra is not None and not isinstance(extra, str):
+            raise _RowError("input", f"content must be a string, got {_type(extra)}")
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    prompt, (completion,) = _prompt_and_replies(row, ("completion",))
+    return {"messages": prompt + [{"role": "assistant", "content": completion}]}
+
+
+def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+    """The prompt messages and the reply text of each field in `names`.
+
+    A reply is a string, or a conversation whose last message is the assistant reply; the
+    conversation before it must agree with `prompt` and with the other replies' conversations.
+    """
+    prefixes, replies = [], []
+    for name in names:
+        value = _get(row, name)
+        if value is None:
+            if name in ("chosen", "rejected"):
+                raise _RowError(name, f"missing {name!r}: a preference pair needs both chosen and rejected")
+            raise _RowError(name, f"missing field {name!r}")
+        if isinstance(value, list):
+            msgs = _messages(row, name, "role", "content", _OPENAI_ROLES)
+            # Either the reply alone ([assistant]) or the whole conversation ending with it.
+            if msgs[-1]["role"] != "assistant":
+                raise _RowError(name, f"conversation must end with an assistant message, not {msgs[-1]['role']}")
+            if len(msgs) > 1:
+                _check_order(msgs, name, "role", "assistant")
+                prefixes.append((name, msgs[:-1]))
+            replies.append(msgs[-1]["content"])
+        else:
+            replies.append(_text(row, name))
+    for (_, first), (name, other) in zip(prefixes, prefixes[1:]):
+        if _stripped(first) != _stripped(other):
+            raise _RowError(name, "chosen and rejected disagree before the last assistant message")
+    prefix = prefixes[0][1] if prefixes else None
+
+    value = _get(row, "prompt")
+    if value is None:
+        if prefix is None:  # no prompt column and no conversation to take it from
+            raise _RowError("prompt", "missing field 'prompt'")
+        return prefix, replies
+    if isinstance(value, list):
+        prompt = _messages(row, "prompt", "role", "content", _OPENAI_ROLES)
+        _check_order(prompt, "prompt", "role", "user")
+        agrees = prefix is None or _stripped(prompt) == _stripped(prefix)
+    else:
+        text = _text(row, "prompt")
+        prompt = prefix or [{"role": "user", "content": text}]
+        agrees = prefix is None or prefix[-1]["content"].strip() == text.strip()
+    if not agrees:
+        raise _RowError("prompt", "prompt disagrees with conversation")
+    return prompt, replies
+
+
+def _messages(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    value = _get(row, field)
+    if value is None:
+        raise _RowError(field, f"missing field {field!r}")
+    if not isinstance(value, list):
+        raise _RowError(field, f"must be a list of messages, got {_type(value)}")
+    if not value:
+        raise _RowError(field, "empty conversation")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise _RowError(where, f"message is not an object (got {_type(m)})")
+        role = m.get(role_key)
+        if role is None:
+            raise _RowError(f"{where}.{role_key}", f"missing field {role_key!r}")
+        if not isinstance(role, str) or role not in roles:
+            raise _RowError(f"{where}.{role_key}", f"unknown role {_show(role)}; expected one of {', '.join(roles)}")
+        out.append({"role": roles[role], "content": _text(m, content_key, where=f"{where}.{content_key}")})
+    return out
+
+
+def _check_order(msgs: list[dict], field: str, role_key: str, last: str) -> None:
+    start = 1 if msgs[0]["role"] == "system" else 0
+    for i in range(start, len(msgs)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        role = msgs[i]["role"]
+        if role != expected:
+            reason = ("roles out of order: a system message is only allowed first" if role == "system"
+                      else f"roles out of order: expected {expected}, got {role}")
+            raise _RowError(f"{field}[{i}].{role_key}", reason)
+    if msgs[-1]["role"] != last:
+        article = "an" if last == "assistant" else "a"
+        raise _RowError(field, f"conversation must end with {article} {last} message, not {msgs[-1]['role']}")
+
+
+def _text(obj: dict, key: str, where: str | None = None) -> str:
+    where = where or key
+    value = _get(obj, key)
+    if value is None:
+        raise _RowError(where, f"missing field {key!r}")
+    if not isinstance(value, str):
+        raise _RowError(where, f"content must be a string, got {_type(value)}")
+    if not value.strip():
+        raise _RowError(where, "empty content")
+    return value
+
+
+def _stripped(messages: list[dict]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"].strip()) for m in messages]
+
+
+def _get(obj: dict, key: str) -> Any:
+    # Parquet and CSV give every row every column: a null there means the field is absent.
+    value = obj.get(key)
+    return None if isinstance(value, float) and value != value else value
+
+
+def _has(row: dict, *keys: str) -> bool:
+    return any(_get(row, k) is not None for k in keys)
+
+
+def _unknown(row: dict, expected: str) -> _RowError:
+    columns = ", ".join(sorted(map(str, row))) or "none"
+    return _RowError("<row>", f"unknown format: columns found: {columns}; expected {expected}")
+
+
+def _type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

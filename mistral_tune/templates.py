@@ -1,0 +1,215 @@
+"""Mistral instruct formats for training, token-exact against `mistral-common`.
+
+`mistral-common` is Mistral's reference implementation of its chat formats, and the
+tokenizer files it ships (in ``mistral_common/data``) are the real ones of the models:
+
+- ``mistral_v1``: Mistral-7B-Instruct v0.1/v0.2. ``[INST]``/``[/INST]`` are *plain text*
+  (encoded by SentencePiece together with the user turn); the system prompt is folded
+  into the first user turn.
+- ``mistral_v3``: Mistral-7B-Instruct v0.3. ``[INST]``/``[/INST]`` are control tokens
+  (ids 3, 4); the system prompt is folded into the *last* user turn; assistant content
+  loses its trailing spaces.
+- ``mistral_v7``: as v3, but the system prompt is its own ``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]``
+  block where it stands in the conversation.
+
+We never re-implement these rules. `encode_chat` walks the conversation exactly like
+``InstructTokenizer.encode_instruct`` does, calling mistral-common's own per-message
+encoders, so that it can record which token span came from which message (for the loss
+mask). It then checks its concatenation against ``encode_instruct`` itself: if a future
+mistral-common changes the loop, we fail loudly instead of training on a wrong format.
+
+Each message is encoded by its own SentencePiece call, so text that looks like a control
+token (``"[INST]"``, ``"</s>"``) inside message content is always plain text: a user cannot
+inject control tokens through data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import mistral_common
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.normalize import get_normalizer
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+# template name -> tokenizer file inside mistral_common/data
+TEMPLATES: dict[str, str] = {
+    "mistral_v1": "tokenizer.model.v1",
+    "mistral_v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "mistral_v7": "mistral_instruct_tokenizer_241114.model.v7",
+}
+
+# "assistant": every assistant turn (content + its EOS) is trained.
+# "last_assistant": only the final assistant turn (content + its EOS).
+# "all": every token except the leading BOS (nothing predicts the first token).
+TRAIN_ON = ("assistant", "last_assistant", "all")
+
+_MESSAGE_CLASSES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    assistant_masks: list[int]  # 1 on trained tokens, 0 elsewhere; same length as input_ids
+
+
+def mistral_tokenizer_file(template: str) -> Path:
+    """Path of the SentencePiece file for `template`, inside the installed mistral-common."""
+    _check_template(template)
+    return Path(mistral_common.__file__).parent / "data" / TEMPLATES[template]
+
+
+@lru_cache(maxsize=None)
+def mistral_tokenizer(template: str) -> MistralTokenizer:
+    """The reference tokenizer for `template` (loading it parses a 500 kB protobuf: cache it)."""
+    return MistralTokenizer.from_file(str(mistral_tokenizer_file(template)))
+
+
+def encode_chat(messages: list[dict], template: str, train_on: str = "assistant") -> Encoded:
+    """Training sequence of a conversation ending with an assistant turn, with its loss mask.
+
+    `input_ids` equals mistral-common's ``encode_instruct`` of the same conversation: one
+    BOS, every assistant turn closed by EOS. The EOS of a trained turn is trained too, or
+    the model never learns to stop.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"Unknown train_on {train_on!r}; expected one of {TRAIN_ON}")
+    _check_messages(messages, template, last_role="assistant")
+    spans = _encode_spans(messages, template)
+    input_ids = [tok for _, span in spans for tok in span]
+
+    last_assistant = max(i for i, (role, _) in enumerate(spans) if role == "assistant")
+    masks: list[int] = []
+    for i, (role, span) in enumerate(spans):
+        if train_on == "all":
+            trained = role != "bos"
+        elif train_on == "last_assistant":
+            trained = i == last_assistant
+        else:
+            trained = role == "assistant"
+        masks.extend([int(trained)] * len(span))
+    return Encoded(input_ids=input_ids, assistant_masks=masks)
+
+
+def encode_prompt(messages: list[dict], template: str) -> list[int]:
+    """Generation prompt of a conversation ending with a user turn.
+
+    Mistral formats have no assistant header: the prompt ends with ``[/INST]`` and the
+    model's reply starts right after it.
+    """
+    _check_messages(messages, template, last_role="user")
+    request = _instruct_request(messages, template)
+    return list(mistral_tokenizer(template).instruct_tokenizer.encode_instruct(request).tokens)
+
+
+def encode_preference(
+    prompt_messages: list[dict], chosen: str, rejected: str, template: str
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) for DPO.
+
+    ``prompt_ids + chosen_ids`` is exactly the training sequence of the conversation
+    ``prompt_messages + [assistant: chosen]`` (same for rejected), and each completion ends
+    with EOS. Raises ValueError if the prompt is not a token prefix of both, instead of
+    silently cutting the sequences somewhere else.
+    """
+    prompt_ids = encode_prompt(prompt_messages, template)
+    completions = []
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        full = encode_chat([*prompt_messages, {"role": "assistant", "content": reply}], template).input_ids
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"{template}: the prompt is not a token prefix of prompt + {name}")
+        completion = full[len(prompt_ids) :]
+        if not completion or completion[-1] != _eos_id(template):
+            raise ValueError(f"{template}: the {name} completion does not end with EOS")
+        completions.append(completion)
+    return prompt_ids, completions[0], completions[1]
+
+
+# --- internals -----------------------------------------------------------------------
+
+
+def _check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+
+
+def _check_messages(messages: list[dict], template: str, last_role: str) -> None:
+    """Cheap structural checks; full validation is the data module's job."""
+    _check_template(template)
+    if not messages:
+        raise ValueError("Empty conversation")
+    for message in messages:
+        if message.get("role") not in _MESSAGE_CLASSES or not isinstance(message.get("content"), str):
+            raise ValueError(f"Expected {{'role': system|user|assistant, 'content': str}}, got {message!r}")
+        if message["role"] == "assistant" and not message["content"]:
+            # mistral-common refuses empty assistant turns; say so in our terms
+            raise ValueError("Assistant message with empty content")
+    if messages[-1]["role"] != last_role:
+        raise ValueError(f"Conversation must end with a {last_role!r} message, got {messages[-1]['role']!r}")
+
+
+def _eos_id(template: str) -> int:
+    return mistral_tokenizer(template).instruct_tokenizer.tokenizer.eos_id
+
+
+def _instruct_request(messages: list[dict], template: str) -> InstructRequest:
+    """The InstructRequest that mistral-common's own ``encode_chat_completion`` would build.
+
+    Its normalizer decides, per version, where the system prompt goes (folded into a user
+    turn for v1/v3, kept as a message for v7): we reuse it rather than restate it.
+    """
+    tokenizer = mistral_tokenizer(template)
+    request = ChatCompletionRequest(
+        messages=[_MESSAGE_CLASSES[m["role"]](content=m["content"]) for m in messages]
+    )
+    normalizer = get_normalizer(tokenizer.version, None)
+    return normalizer.from_chat_completion_request(request)
+
+
+def _encode_spans(messages: list[dict], template: str) -> list[tuple[str, list[int]]]:
+    """[(role, token span)] in order, starting with ("bos", [BOS]).
+
+    Mirrors the loop of ``InstructTokenizerBase.encode_instruct`` (mistral-common 1.13),
+    calling the same per-message encoders with the same arguments.
+    """
+    instruct = mistral_tokenizer(template).instruct_tokenizer
+    request = _instruct_request(messages, template)
+    first_user, last_user = instruct.find_first_last_user(request)
+
+    spans: list[tuple[str, list[int]]] = [("bos", list(instruct.start()))]
+    for idx, msg in enumerate(request.messages):
+        if isinstance(msg, UserMessage):
+            tokens, _, _ = instruct.encode_user_message(
+                msg,
+                request.available_tools,
+                idx == last_user,
+                idx == first_user,
+                system_prompt=request.system_prompt,
+                force_img_first=True,
+                settings=request.settings,
+            )
+            spans.append(("user", list(tokens)))
+        elif isinstance(msg, AssistantMessage):
+            tokens = instruct.encode_assistant_message(message=msg, is_before_last_user_message=idx < last_user)
+            spans.append(("assistant", list(tokens)))
+        elif isinstance(msg, SystemMessage):
+            tokens, _ = instruct.encode_system_message(msg)
+            spans.append(("system", list(tokens)))
+        else:  # the normalizer only produces the three message types we gave it
+            raise TypeError(f"Unexpected message type {type(msg).__name__}")
+
+    # Self-check: the spans must add up to the reference encoding, id for id.
+    reference = instruct.encode_instruct(request).tokens
+    if [tok for _, span in spans for tok in span] != list(reference):
+        raise RuntimeError(
+            f"{template}: per-message encoding disagrees with mistral-common's encode_instruct; "
+            "its message loop has changed, update _encode_spans"
+        )
+    return spans

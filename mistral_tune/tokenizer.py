@@ -1,0 +1,174 @@
+"""Hugging Face tokenizers for the Mistral templates, built from mistral-common's own files.
+
+`build_hf_tokenizer(template)` converts the SentencePiece file that `mistral_tune.templates`
+uses as its reference (``templates.mistral_tokenizer_file``) into a fast tokenizer and gives
+it a Jinja chat template for that Mistral version. Exported checkpoints carry this
+tokenizer, so serving renders the format used in training.
+
+What matches mistral-common, id for id (tests/test_tokenizer.py checks each claim):
+
+- ``tok(text, add_special_tokens=False)`` equals ``encode(text, bos=False, eos=False)`` of the
+  SentencePiece reference for text without control strings. transformers' generic
+  SentencePiece conversion (``TokenizersBackend``) reproduces SentencePiece's dummy prefix
+  for every chunk between special tokens, which is what Mistral's formats rely on (each
+  message is its own SentencePiece call, so it starts with "▁").
+- ``apply_chat_template`` equals ``templates.encode_chat`` (conversations ending with an
+  assistant turn) and ``templates.encode_prompt`` (ending with a user turn, with or without
+  ``add_generation_prompt``: Mistral formats have no assistant header). With
+  ``return_assistant_tokens_mask=True`` the mask equals ``Encoded.assistant_masks`` of
+  ``train_on="assistant"``: every assistant turn and its EOS.
+- One BOS: the template writes ``bos_token`` and apply_chat_template tokenizes without
+  special tokens. ``tok(text)`` with the default ``add_special_tokens=True`` prepends BOS
+  like ``encode(text, bos=True)``; so never tokenize a rendered chat with special tokens.
+
+Where it cannot match:
+
+1. Control strings inside message content. The reference encodes each message by itself,
+   so ``"[INST]"``, ``"</s>"`` or ``"<s>"`` written by a user stay plain text. A Jinja
+   template renders one string, and the tokenizer must parse the control strings it wrote
+   back into control tokens, so it cannot tell them from the same strings in content:
+   they become control tokens (v1's ``[INST]`` is plain text in the format itself, but
+   ``<s>``/``</s>`` still differ): a user can inject an EOS. transformers'
+   ``apply_chat_template(..., sanitize_control_tokens=True)`` keeps them text, but it is
+   not id-exact either (its markers split the text, e.g. the space before ``"</s>"``
+   becomes a token of its own) and it refuses ``return_assistant_tokens_mask``. Plain
+   ``tok(text)`` likewise turns control strings into control tokens unless
+   ``split_special_tokens=True`` is passed (then it is exact, up to point 2). Training
+   data goes through ``templates.encode_chat``, which has none of these problems.
+2. Plain-text encoding with ``split_special_tokens=True`` still differs in one corner: a
+   control string (e.g. ``"[/INST]"``) that directly follows one of the v3/v7 user-defined
+   pieces (``"[REFERENCE_DOC_1]"``...) and ends the text or precedes another such piece
+   comes out as the control token. The converted BPE has to look whole words up in its
+   vocabulary to emit user-defined pieces whole, and the vocabulary also holds the control
+   pieces.
+3. Conversation shapes: the Jinja templates accept one optional leading system message and
+   string contents only (what `mistral_tune.data` produces); anything else raises. The
+   reference also folds later system messages in; we do not need that.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+from mistral_tune.templates import TEMPLATES, mistral_tokenizer_file
+
+# Context length the tokenizer warns about; Mistral 7B v0.1-v0.3 and Large 2411 all handle
+# 32k positions, and training sequences are cut well below that by `max_length`.
+MODEL_MAX_LENGTH = 32768
+
+# pad != eos, or masking pads also masks EOS out of the labels and the model never stops.
+# <unk> (id 0) exists in every Mistral SentencePiece file and is never produced by encoding
+# (byte fallback covers all text), so a pad can never be confused with real input.
+PAD_TOKEN = "<unk>"
+
+# Shared head of every template: split off one optional leading system message.
+_SYSTEM_HEAD = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+)
+_BAD_ROLE = "{{- raise_exception('Only user/assistant messages may follow the optional leading system message') -}}"
+
+# v1: [INST]/[/INST] are plain text; the system prompt joins the FIRST user turn. The
+# reply is its own SentencePiece call in the reference ("▁" + reply): the space we write
+# before it becomes that "▁", and belongs to the reply's first token, hence inside
+# {% generation %}.
+_V1 = (
+    _SYSTEM_HEAD + "{{- bos_token -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and system_message -%}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- '[INST] ' + message['content'] + ' [/INST]' -}}"
+    "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- ' ' + message['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# v3: [INST]/[/INST] are control tokens; the system prompt joins the LAST user turn;
+# replies lose trailing spaces (mistral-common rstrips them).
+_V3 = (
+    _SYSTEM_HEAD + "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- bos_token -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.index0 == ns.last_user and system_message -%}"
+    "{{- '[INST]' + system_message + '\\n\\n' + message['content'] + '[/INST]' -}}"
+    "{%- else -%}"
+    "{{- '[INST]' + message['content'] + '[/INST]' -}}"
+    "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'].rstrip(' ') + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# v7: the system prompt is its own [SYSTEM_PROMPT] block (even when empty), right after BOS.
+_V7 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and loop.first -%}"
+    "{{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '[INST]' + message['content'] + '[/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'].rstrip(' ') + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHAT_TEMPLATES: dict[str, str] = {"mistral_v1": _V1, "mistral_v3": _V3, "mistral_v7": _V7}
+assert CHAT_TEMPLATES.keys() == TEMPLATES.keys(), "every template needs its Jinja twin"
+
+
+def build_hf_tokenizer(template: str) -> PreTrainedTokenizerBase:
+    """Fast HF tokenizer converted from the mistral-common file of `template`, with its chat template."""
+    if template not in TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # transformers converts SentencePiece files named *.model; mistral-common's are *.model.vN
+        shutil.copyfile(mistral_tokenizer_file(template), Path(tmp) / "tokenizer.model")
+        # TokenizersBackend, not LlamaTokenizer: LlamaTokenizer rebuilds its pipeline with a
+        # "first chunk only" dummy prefix, which turns "</s>▁[INST]" into "</s>[INST]" (v1).
+        tok = TokenizersBackend.from_pretrained(
+            tmp,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token=PAD_TOKEN,
+            add_bos_token=True,
+            add_eos_token=False,
+            model_max_length=MODEL_MAX_LENGTH,
+            padding_side="right",
+        )
+    # The copied file is gone; tokenizer.json is the full serialization, nothing needs it.
+    tok.vocab_file = None
+    tok.chat_template = CHAT_TEMPLATES[template]
+    return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save `tok` (tokenizer.json, config, chat template) so AutoTokenizer reloads it offline."""
+    out = Path(out_dir)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Reload a tokenizer saved by `save_tokenizer`, from local files only."""
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,85 @@
+"""What the SFT and DPO stages share: TRL arguments from the config, resume, metrics."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from mistral_tune import runs
+from mistral_tune.config import trainer_kwargs
+from mistral_tune.errors import UserError
+from mistral_tune.modeling import resolve_dtype
+
+log = logging.getLogger("mistral_tune")
+
+
+def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list[str]):
+    """Build TRL's SFTConfig/DPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
+    kwargs = trainer_kwargs(cfg[stage].trainer)
+    data_max = cfg[stage].data.max_length
+    if "max_length" in kwargs and kwargs["max_length"] != data_max:
+        raise UserError(
+            f"{stage}.trainer.max_length={kwargs['max_length']} differs from {stage}.data.max_length={data_max}",
+            hint=f"set {stage}.data.max_length only: rows longer than it are dropped and counted at build time",
+        )
+    kwargs["max_length"] = data_max
+    kwargs.setdefault("seed", cfg.seed)
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # for tokens/s in metrics.json
+    dtype = resolve_dtype(cfg)
+    kwargs.setdefault("bf16", dtype == torch.bfloat16)
+    kwargs.setdefault("fp16", dtype == torch.float16)
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
+    kwargs.update(output_dir=str(out), report_to=report_to, run_name=stage)
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{stage}.trainer: {str(err).splitlines()[0]}") from None
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete checkpoint-N folder, for automatic resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not out.is_dir():
+        return None
+    found = get_last_checkpoint(str(out))
+    if found:
+        log.info("resuming from %s", found)
+    return found
+
+
+def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict | None = None) -> dict:
+    """run_dir/<stage>/metrics.json: train_runtime counts everything after the model and data were
+    loaded (trainer set-up and reference log-probs included), tokens are non-pad input tokens."""
+    tokens = int(trainer.state.num_input_tokens_seen)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = {
+        "train_runtime": round(runtime, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "train_loss": train_output.metrics.get("train_loss"),
+        "global_step": train_output.global_step,
+        **(extra or {}),
+    }
+    if torch.cuda.is_available():
+        metrics["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if runs.is_main_process():
+        runs.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def loss_history(trainer) -> list[dict]:
+    return [
+        {k: v for k, v in entry.items() if k in ("step", "loss", "learning_rate", "rewards/accuracies", "rewards/margins")}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+
+
