@@ -67,12 +67,11 @@ def merge_chain(cfg: DictConfig, model_ref: dict, batch: torch.Tensor, dtype: to
 
 
 def run(cfg: DictConfig) -> Path:
-    out = Path(cfg.run_dir) / "merged"
+    out = runs.stage_dir(cfg, "merge")
     last = runs.read_manifest(cfg, "dpo") or runs.require_manifest(cfg, "sft", "merge")
     inputs = {"from": last["stage"], "fingerprint": last["fingerprint"]}
     if runs.check_done(cfg, "merge", inputs):
         return out
-    runs.write_stage_config(cfg, "merge")
     if not runs.is_main_process():
         runs.wait_for_everyone()
         return out

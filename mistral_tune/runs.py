@@ -39,8 +39,11 @@ def wait_for_everyone() -> None:
         state.wait_for_everyone()
 
 
+STAGE_FOLDERS = {"merge": "merged"}  # the contract names the merged checkpoint's folder `merged`
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) / stage
+    return Path(cfg.run_dir) / STAGE_FOLDERS.get(stage, stage)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

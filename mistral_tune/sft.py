@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mistral_tune import data, runs, tracking
+from mistral_tune.lean import lean_sft_trainer
 from mistral_tune.modeling import ensure_base, load_model, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
 from mistral_tune.training import last_checkpoint, loss_history, trl_args, write_metrics
@@ -22,7 +23,7 @@ log = logging.getLogger("mistral_tune")
 
 def run(cfg: DictConfig) -> Path:
     from datasets import load_from_disk
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     out = runs.stage_dir(cfg, "sft")
     data.run(cfg)
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> Path:
 
     with tracking.tracked(cfg, "sft") as report_to:
         start = time.perf_counter()
-        trainer = SFTTrainer(
+        trainer = lean_sft_trainer()(
             model=model,
             args=trl_args(cfg, "sft", SFTConfig, out, report_to),
             train_dataset=train_dataset,

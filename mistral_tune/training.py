@@ -28,6 +28,10 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
             hint=f"set {stage}.data.max_length only: rows longer than it are dropped and counted at build time",
         )
     kwargs["max_length"] = data_max
+    if kwargs.get("padding_free") and not kwargs.get("packing"):
+        # TRL refuses max_length with unpacked padding-free batches; the data stage has already
+        # dropped (and counted) every row longer than data.max_length, so nothing is lost.
+        kwargs["max_length"] = None
     kwargs.setdefault("seed", cfg.seed)
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # for tokens/s in metrics.json
     dtype = resolve_dtype(cfg)
