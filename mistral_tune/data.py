@@ -38,7 +38,7 @@ def cache_inputs(cfg: DictConfig, template: str) -> dict:
     once reused another tokenizer's cache and trained at loss ~10)."""
     files = {}
     for stage in ("sft", "dpo"):
-        for path in sources.expand_files(list(cfg[stage].data.files)):
+        for path in sources.expand_files(list(cfg[stage].data.files)) if cfg[stage].data.files else []:
             files[str(path)] = _file_digest(path)
     return {
         "files": files,
