@@ -45,6 +45,10 @@ def compose(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose("config", overrides=overrides)
         OmegaConf.resolve(cfg)
+        # `+key=value` appends past Hydra's struct check; merging into the schema catches it.
+        from mistral_tune.schema import Config
+
+        OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except Exception as err:  # Hydra and OmegaConf raise many types; all are user errors here
         raise UserError(explain_config_error(err)) from None
     return cfg

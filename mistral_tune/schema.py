@@ -108,7 +108,6 @@ class PeftConfig:
 class DataConfig:
     on_error: str = "raise"  # raise: stop at the first bad row; skip: drop it, listed in rejects.jsonl
     show: int = 0  # print this many rendered examples with the trained spans marked
-    num_proc: Optional[int] = None  # processes for tokenisation (datasets.map)
 
 
 @dataclass
