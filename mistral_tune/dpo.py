@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import data, runs, tracking
 from mistral_tune.errors import UserError
+from mistral_tune.lean import patch_trainer_models
 from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
 from mistral_tune.training import last_checkpoint, loss_history, trl_args, write_metrics
@@ -28,10 +29,17 @@ def _trainer_class():
     from trl import DPOTrainer
 
     class PretokenizedDPOTrainer(DPOTrainer):
-        """TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot
+        """DPOTrainer with the lean LM head (mistral_tune.lean) where TRL's has no fast kernel.
+
+        TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot
         be exact to Mistral's reference (control strings in content, v3's system placement). Our
         data stage already built `prompt_ids`/`chosen_ids`/`rejected_ids` with mistral-common, so
         they are used as they are; any other dataset goes through TRL's own preparation."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fields = ("log_probs", "entropy", "mean_logits", "is_top1")
+            patch_trainer_models(self, fields + (("log_sum_sq_probs",) if self.use_weighting else ()))
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if PRETOKENIZED <= set(dataset.column_names):

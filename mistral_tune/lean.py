@@ -1,94 +1,98 @@
-"""Lean SFT loss: logits only at the positions that carry a label.
+"""Lean LM head: logits only at the positions that carry a label, for SFT and DPO alike.
 
-TRL 1.16's SFTTrainer computes per-token log-probs with a tiled "fused LM head"; without Triton
-(on CPU) its torch fallback recomputes every vocabulary tile in the backward pass and ran at about
-a quarter of a plain forward/backward here. We instead ask the model for logits only at the
-positions whose next token is trained (`logits_to_keep` with an index tensor, which transformers
-supports natively) and take an ordinary cross-entropy over them. With padding-free batches (one
-packed row) that is exactly the trained tokens: for the bundled chats, ~30% of all positions.
+TRL 1.16 patches every trained model with a "fused LM head" (`fused_lm_head=True` returns per-token
+log-probs instead of logits). With Triton (CUDA) it scores only the labelled positions in tiles; on
+other devices it scores every position of the batch, full vocabulary, tile by tile, and recomputes
+each tile in the backward pass: on this 2-core CPU the SFT step ran at a quarter of a plain
+forward/backward. `add_lean_lm_head` replaces that head where Triton is unavailable with a compact
+one: the backbone runs once, the LM head projects only the hidden states whose next token has a
+label, and an ordinary log-softmax gives the same fields (`log_probs`, `entropy`, `mean_logits`,
+`is_top1`, `log_sum_sq_probs`, `label_mask`, `loss`). With padding-free batches that is exactly
+the trained tokens (~30% of positions on the bundled chats). On CUDA with Triton, TRL's own tiled
+head stays: it is already compact and never materialises [tokens, vocab] logits.
 
-The loss is the sum over trained tokens divided by `num_items_in_batch`, the trained-token count
-of the whole accumulated batch (over all ranks when `average_tokens_across_devices`), so gradient
-accumulation of 4 equals one batch 4 times larger. tests/test_lean.py compares it with the plain
+tests/test_lean.py compares every field, and the gradients, with TRL's head and with the plain
 full-logits computation.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
-import torch.nn.functional as F
+from trl.trainer.utils import FusedCausalLMOutput, _use_triton
 
 
-def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions p whose next token p+1 is trained, union over the batch; targets [B, n])."""
-    next_labels = labels[:, 1:]
-    keep = (next_labels != -100).any(dim=0)
-    idx = keep.nonzero().squeeze(-1)
-    return idx, next_labels[:, idx]
+def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """Patch `model.forward` so that `fused_lm_head=True` uses the compact head (see module doc).
+    Call it after TRL has added its own head; without `fused_lm_head` the forward is the class's."""
+    class_forward = type(model).forward
+    backbone_attr = model.base_model_prefix
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return class_forward(self, *args, **kwargs)
+        kwargs["use_cache"] = False  # with a KV cache transformers drops the packed-sequence mask
+        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden[mask]).float()  # [n_labelled, vocab]
+        log_z = logits.logsumexp(-1)
+        target = labels[mask]
+        per_token = {"log_probs": logits.gather(-1, target[:, None]).squeeze(-1) - log_z}
+        with torch.no_grad():
+            log_p = logits - log_z[:, None]
+            if "entropy" in outputs:
+                per_token["entropy"] = -(log_p.exp() * log_p).sum(-1)
+            if "mean_logits" in outputs:
+                per_token["mean_logits"] = logits.mean(-1)
+            if "is_top1" in outputs:
+                per_token["is_top1"] = logits.argmax(-1) == target
+            if "log_sum_sq_probs" in outputs:
+                per_token["log_sum_sq_probs"] = (2 * log_p).logsumexp(-1)
+        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not an error)
+        full = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in per_token.items()}
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-full["log_probs"].sum() / denominator,
+            log_probs=full["log_probs"],
+            entropy=full.get("entropy"),
+            log_sum_sq_probs=full.get("log_sum_sq_probs"),
+            mean_logits=full.get("mean_logits"),
+            is_top1=full.get("is_top1"),
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(forward, model)
 
 
-def lean_forward(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(logits at the trained positions [B, n, V], their targets [B, n], number of trained tokens)."""
-    labels = inputs["labels"]
-    idx, targets = trained_positions(labels)
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    model_inputs["use_cache"] = False
-    logits = model(**model_inputs, logits_to_keep=idx).logits
-    return logits, targets, int((targets != -100).sum())
-
-
-def sum_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-def _trainer_class():
-    from trl import SFTTrainer
-
-    class LeanSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss takes logits only where labels are (see the module docstring).
-        Anything this path does not cover (custom loss functions, label smoothing, DFT loss, MoE aux
-        loss, sequence parallelism) goes through TRL's own compute_loss."""
-
-        def _lean_applies(self) -> bool:
-            return (
-                self.args.loss_type == "nll"
-                and self.compute_loss_func is None
-                and self.label_smoother is None
-                and not self.aux_loss_enabled
-                and getattr(self.accelerator, "parallelism_config", None) is None
-            )
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not self._lean_applies():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            logits, targets, n_local = lean_forward(model, inputs)
-            denominator = n_local if num_items_in_batch is None else num_items_in_batch
-            loss = sum_cross_entropy(logits, targets) / torch.as_tensor(denominator, device=logits.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients across ranks
-
-            with torch.no_grad():
-                valid = targets != -100
-                correct = ((logits.argmax(-1) == targets) & valid).sum()
-                probs = logits.float().softmax(-1)
-                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)[valid].sum()
-                gathered = self.accelerator.gather_for_metrics(torch.stack([valid.sum(), correct]).float())
-                n_valid, n_correct = gathered.view(-1, 2).sum(0)
-                entropy_sum = self.accelerator.gather_for_metrics(entropy.detach()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid.clamp(min=1)).item())
-            self._metrics[mode]["entropy"].append((entropy_sum / n_valid.clamp(min=1)).item())
-            if mode == "train":
-                if "attention_mask" in inputs:
-                    local = inputs["attention_mask"].sum()
-                else:
-                    local = torch.tensor(inputs["input_ids"].numel(), device=logits.device)
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(local).sum())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-    return LeanSFTTrainer
+def patch_trainer_models(trainer, outputs: tuple[str, ...]) -> bool:
+    """Swap TRL's head for the lean one on the policy (and a separate reference model)."""
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    if _use_triton(next(model.parameters()).device):
+        return False
+    add_lean_lm_head(model, outputs)
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:
+        add_lean_lm_head(ref, ("log_probs",))
+    return True
 
 
 def lean_sft_trainer():
-    return _trainer_class()
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer with the lean LM head where TRL's has no fast kernel."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            patch_trainer_models(self, ("log_probs", "entropy", "is_top1"))
+
+    return LeanSFTTrainer

@@ -18,9 +18,27 @@ from mistral_tune.modeling import resolve_dtype
 log = logging.getLogger("mistral_tune")
 
 
+# DPO options that TRL 1.16 reads only for some loss types: anything else would be accepted and
+# silently ignored (label smoothing passed through but unused has bitten users before).
+LOSS_TYPE_OPTIONS = {"label_smoothing": ({"robust", "exo_pair", "aot", "aot_unpaired"}, 0.0)}
+
+
+def check_ignored_options(stage: str, kwargs: dict) -> None:
+    loss_types = kwargs.get("loss_type") or ["sigmoid"]
+    loss_types = {loss_types} if isinstance(loss_types, str) else set(loss_types)
+    for option, (used_by, default) in LOSS_TYPE_OPTIONS.items():
+        if stage == "dpo" and kwargs.get(option, default) != default and not loss_types & used_by:
+            raise UserError(
+                f"dpo.trainer.{option}={kwargs[option]} has no effect with loss_type={sorted(loss_types)}: "
+                f"TRL uses it only for {', '.join(sorted(used_by))}",
+                hint="for Robust DPO (label-flip noise) set dpo.trainer.loss_type=[robust]",
+            )
+
+
 def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list[str]):
     """Build TRL's SFTConfig/DPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
     kwargs = trainer_kwargs(cfg[stage].trainer)
+    check_ignored_options(stage, kwargs)
     data_max = cfg[stage].data.max_length
     if "max_length" in kwargs and kwargs["max_length"] != data_max:
         raise UserError(

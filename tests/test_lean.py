@@ -1,4 +1,4 @@
-"""The lean, padding-free SFT loss against the plain full-logits computation."""
+"""The lean LM head against TRL's fused head and the plain full-logits computation."""
 
 from __future__ import annotations
 
@@ -8,16 +8,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import add_fused_lm_head
 
-from mistral_tune.lean import lean_forward, sum_cross_entropy
+from mistral_tune.lean import add_lean_lm_head
 from tests.helpers import random_examples, tiny_mistral
 
 PAD = 0
+FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def batch_of(rows, padding_free):
+    batch = DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=padding_free)(copy.deepcopy(rows))
+    keep = ("input_ids", "labels", "attention_mask", "position_ids")
+    return {k: v for k, v in batch.items() if k in keep}
 
 
 def plain_loss(model, rows):
     """Reference: right-padded batch, full logits, shifted cross-entropy, mean over trained tokens."""
-    batch = DataCollatorForLanguageModeling(pad_token_id=PAD)(copy.deepcopy(rows))
+    batch = batch_of(rows, padding_free=False)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / (
@@ -25,40 +33,59 @@ def plain_loss(model, rows):
     ).sum()
 
 
-def lean_loss(model, rows, padding_free: bool):
-    batch = DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=padding_free)(copy.deepcopy(rows))
-    logits, targets, n = lean_forward(model, dict(batch))
-    return sum_cross_entropy(logits, targets) / n
-
-
-def grads(model, loss):
+def head_outputs(model, rows, padding_free, lean):
+    model = copy.deepcopy(model)
+    (add_lean_lm_head if lean else add_fused_lm_head)(model, outputs=FIELDS)
+    out = model(**batch_of(rows, padding_free), fused_lm_head=True)
     model.zero_grad()
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_lean_loss_and_grads_equal_plain(padding_free):
+def test_lean_head_equals_trl_fused_head(padding_free):
+    """Every field TRL's SFT and DPO trainers read, and the gradients of the loss."""
     model = tiny_mistral(sliding_window=8)  # rows are 12-30 tokens: the window matters
     rows = random_examples(6)
-    ref = plain_loss(model, rows)
-    ref_grads = grads(model, ref)
-    got = lean_loss(model, rows, padding_free)
-    got_grads = grads(model, got)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    ref, ref_grads = head_outputs(model, rows, padding_free, lean=False)
+    got, got_grads = head_outputs(model, rows, padding_free, lean=True)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.label_mask, ref.label_mask)
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-4, atol=1e-5, msg=field)
     for name in ref_grads:
         torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_lean_keeps_only_trained_positions():
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_lean_loss_equals_plain_full_logits(padding_free):
+    model = tiny_mistral(sliding_window=8)
+    rows = random_examples(6, seed=1)
+    ref = plain_loss(model, rows)
+    lean = copy.deepcopy(model)
+    add_lean_lm_head(lean)
+    got = lean(**batch_of(rows, padding_free), fused_lm_head=True).loss
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_head_projects_only_labelled_positions():
     model = tiny_mistral()
+    calls = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    add_lean_lm_head(model)
     rows = random_examples(4)
-    batch = DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)(copy.deepcopy(rows))
-    logits, targets, n = lean_forward(model, dict(batch))
+    batch = batch_of(rows, padding_free=True)
+    model(**batch, fused_lm_head=True)
     trained = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
-    assert n == trained
-    assert logits.shape[1] == trained  # one packed row: exactly the trained positions, no more
-    assert logits.shape[1] < batch["input_ids"].shape[1]
+    assert calls == [trained] and trained < batch["input_ids"].shape[1]
+
+
+def test_without_fused_flag_the_forward_is_unchanged():
+    model = tiny_mistral()
+    ids = torch.tensor([random_examples(1)[0]["input_ids"]])
+    before = model(input_ids=ids).logits
+    add_lean_lm_head(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
 def test_packed_sequences_do_not_attend_to_each_other():
