@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import data, runs, tracking
 from mistral_tune.errors import UserError
-from mistral_tune.lean import patch_trainer_models
+from mistral_tune.lean import lean_heads
 from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
 from mistral_tune.training import last_checkpoint, loss_history, trl_args, write_metrics
@@ -37,9 +37,10 @@ def _trainer_class():
         they are used as they are; any other dataset goes through TRL's own preparation."""
 
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            fields = ("log_probs", "entropy", "mean_logits", "is_top1")
-            patch_trainer_models(self, fields + (("log_sum_sq_probs",) if self.use_weighting else ()))
+            from trl.trainer import dpo_trainer
+
+            with lean_heads(dpo_trainer):
+                super().__init__(*args, **kwargs)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if PRETOKENIZED <= set(dataset.column_names):

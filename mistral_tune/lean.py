@@ -17,15 +17,31 @@ full-logits computation.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput, _use_triton
 
 
+def packed_backbone(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Run the backbone padding-free and return hidden states in the padded [B, L, H] layout.
+
+    The real tokens of every row are concatenated into one row with positions restarting per
+    sequence; without a KV cache transformers then builds a block-diagonal (and sliding-window)
+    mask, so each sequence attends only to itself, exactly as in the padded batch. Pads are never
+    computed. Scattering back keeps callers (TRL's DPO loss) unchanged.
+    """
+    keep = attention_mask.bool()
+    position_ids = (attention_mask.long().cumsum(1) - 1)[keep][None]
+    flat = backbone(input_ids=input_ids[keep][None], position_ids=position_ids, **kwargs).last_hidden_state[0]
+    hidden = flat.new_zeros(*input_ids.shape, flat.shape[-1])
+    return hidden.masked_scatter(keep[..., None], flat)
+
+
 def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch `model.forward` so that `fused_lm_head=True` uses the compact head (see module doc).
-    Call it after TRL has added its own head; without `fused_lm_head` the forward is the class's."""
+    Without `fused_lm_head` the forward is the class's own."""
     class_forward = type(model).forward
     backbone_attr = model.base_model_prefix
 
@@ -37,7 +53,13 @@ def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
                     kwargs[name] = value
             return class_forward(self, *args, **kwargs)
         kwargs["use_cache"] = False  # with a KV cache transformers drops the packed-sequence mask
-        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
+        backbone = getattr(self, backbone_attr)
+        attention_mask = kwargs.get("attention_mask")
+        if not args and attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.all():
+            kwargs.pop("attention_mask")
+            hidden = packed_backbone(backbone, kwargs.pop("input_ids"), attention_mask, **kwargs)
+        else:
+            hidden = backbone(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -73,16 +95,25 @@ def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def patch_trainer_models(trainer, outputs: tuple[str, ...]) -> bool:
-    """Swap TRL's head for the lean one on the policy (and a separate reference model)."""
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    if _use_triton(next(model.parameters()).device):
-        return False
-    add_lean_lm_head(model, outputs)
-    ref = getattr(trainer, "ref_model", None)
-    if ref is not None:
-        add_lean_lm_head(ref, ("log_probs",))
-    return True
+@contextlib.contextmanager
+def lean_heads(*trl_modules):
+    """While a TRL trainer is constructed, make its `add_fused_lm_head` add the lean head instead
+    where TRL's has no Triton kernel. Patching at construction (not after) means the reference
+    log-probs TRL precomputes inside __init__ use the lean head too."""
+    originals = {m: m.add_fused_lm_head for m in trl_modules}
+
+    def choose(model, *args, outputs=("log_probs",), **kwargs):
+        if _use_triton(next(model.parameters()).device):
+            return originals[trl_modules[0]](model, *args, outputs=outputs, **kwargs)
+        return add_lean_lm_head(model, outputs)
+
+    for m in trl_modules:
+        m.add_fused_lm_head = choose
+    try:
+        yield
+    finally:
+        for m, original in originals.items():
+            m.add_fused_lm_head = original
 
 
 def lean_sft_trainer():
@@ -92,7 +123,9 @@ def lean_sft_trainer():
         """TRL's SFTTrainer with the lean LM head where TRL's has no fast kernel."""
 
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            patch_trainer_models(self, ("log_probs", "entropy", "is_top1"))
+            from trl.trainer import sft_trainer
+
+            with lean_heads(sft_trainer):
+                super().__init__(*args, **kwargs)
 
     return LeanSFTTrainer

@@ -32,9 +32,13 @@ def is_main_process() -> bool:
 
 
 def wait_for_everyone() -> None:
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True without CUDA: a plain PartialState() resolves to DistributedType.NO there, even under
+    # torchrun, and its barrier would return at once (rank 1 then read run_dir/base before rank 0
+    # wrote it).
+    state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes > 1:
         state.wait_for_everyone()
 
@@ -67,6 +71,7 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
         "dpo": ["model", "template", "peft", "dpo", "seed"],
         "merge": ["merge"],
         "push": ["push"],
+        "eval": ["eval", "template", "dpo.trainer.beta"],
     }[stage]
     picked = {}
     for path in paths:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -95,8 +96,14 @@ def launch(mode: str, stage: str, run_dir: Path, *overrides: str, env: dict | No
     full_env.update(HF_HUB_OFFLINE="1", WANDB_SILENT="true", **(env or {}))
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300)
-    tail = "\n".join(proc.stdout.splitlines()[-40:])
-    assert proc.returncode == 0, f"{mode} {stage} exited with {proc.returncode}:\n{tail}"
+    if proc.returncode != 0:
+        lines = proc.stdout.splitlines()
+        # torchrun's own traceback comes last and hides the rank's error: show that line first.
+        errors = [line for line in lines
+                  if re.search(r"mistral-tune \w+: error:|^(\[rank\d+\]: )?\w+(Error|Exception)\b", line)
+                  and "ChildFailedError" not in line]
+        tail = "\n".join(errors + ["..."] + lines[-30:])
+        pytest.fail(f"{mode} {stage} exited with {proc.returncode}:\n{tail}")
     return proc
 
 
