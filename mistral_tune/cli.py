@@ -18,11 +18,11 @@ Turn a Mistral base model into an instruct model. Commands:
   sft        supervised fine-tuning (full, LoRA, QLoRA) into run_dir/sft
   dpo        preference tuning from run_dir/sft into run_dir/dpo
   merge      merge adapters into full-precision weights: run_dir/merged
-  eval       evaluate base, SFT and DPO models (not yet available)
+  eval       base, SFT and DPO side by side on held-out data: run_dir/eval, model card
   push       upload run_dir/merged to the Hugging Face Hub (push.repo_id=org/name)
   pipeline   data -> sft -> dpo -> merge (-> push)
   tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
-  plan       parameters, steps and memory estimate (not yet available)
+  plan       parameters, steps per epoch and per-GPU memory, without loading weights
 
 Overrides are Hydra's: run_dir=runs/x model=mistral_7b_v0_1 peft=lora sft.trainer.max_steps=10
 logger=none experiment=zephyr_7b_beta_qlora; -m sweeps (job k writes to run_dir/k).
@@ -30,10 +30,7 @@ Show the composed config with: mistral-tune <command> --cfg
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-NOT_YET = {
-    "eval": "`mistral-tune eval` is not implemented yet (tracked in the issue 'Know what you trained')",
-    "plan": "`mistral-tune plan` is not implemented yet (tracked in the issue 'Know what you trained')",
-}
+NOT_YET: dict[str, str] = {}
 COMMANDS = ("data", "sft", "dpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
 log = logging.getLogger("mistral_tune")
 
@@ -71,25 +68,27 @@ def _setup_logging() -> None:
 
 
 def run_command(command: str, cfg, overrides: list[str]):
-    from mistral_tune import data, dpo, merge, pipeline, push, sft
+    from mistral_tune import data, dpo, evaluate, merge, pipeline, plan, push, sft
 
+    if command == "plan":
+        return plan.run(cfg)
     if command == "pipeline":
         return pipeline.run(cfg, overrides)
     if command == "tokenizer":
         return write_tokenizer(cfg)
-    stage = {"data": data, "sft": sft, "dpo": dpo, "merge": merge, "push": push}[command]
+    stage = {"data": data, "sft": sft, "dpo": dpo, "merge": merge, "push": push, "eval": evaluate}[command]
     return stage.run(cfg)
 
 
 def write_tokenizer(cfg) -> Path:
     """`mistral-tune tokenizer`: the HF tokenizer and chat template of the chosen template."""
-    from mistral_tune.modeling import resolve_template
+    from mistral_tune.data import template_and_vocab
     from mistral_tune.runs import is_main_process
     from mistral_tune.tokenizer import build_hf_tokenizer, save_tokenizer
 
     out = Path(cfg.run_dir) / "tokenizer"
     if is_main_process():
-        save_tokenizer(build_hf_tokenizer(resolve_template(cfg)), out)
+        save_tokenizer(build_hf_tokenizer(*template_and_vocab(cfg)), out)
     return out
 
 
@@ -122,16 +121,34 @@ def _multirun(command: str, overrides: list[str]) -> int:
         pass  # sweeps the simple check cannot expand: Hydra reports its own errors below
     setup()
 
+    from mistral_tune import sweep
+    from mistral_tune.tracking import group_name
+
+    jobs: list[dict] = []  # one entry per job, for the summary table
+    where: dict = {}
+
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def job(cfg):
+        hc = HydraConfig.get()
+        where["sweep_dir"] = hc.sweep.dir
         with open_dict(cfg):
-            cfg.run_dir = HydraConfig.get().runtime.output_dir  # <run_dir>/<job number>
-        job_overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("run_dir=")]
+            cfg.run_dir = hc.runtime.output_dir  # <run_dir>/<job number>
+            cfg.logger.group = cfg.logger.group or group_name(hc.sweep.dir)  # one W&B group per sweep
+        job_overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
+        name = where["objective"] = sweep.objective_name(cfg, command)
+        where["direction"] = sweep.direction(cfg, name) if name else "minimize"
+        record = {"job": hc.job.num, "overrides": job_overrides, "run_dir": cfg.run_dir, "objective": None}
+        jobs.append(record)
         try:
             run_command(command, cfg, job_overrides + [f"run_dir={cfg.run_dir}"])
+            if name:
+                record["objective"] = sweep.read_objective(cfg.run_dir, name)
         except UserError as err:
+            record["error"] = str(err)
             _report(command, err)
+            _summarise(sweep, where, jobs)
             sys.exit(2)
+        return record["objective"]  # what Hydra's sweeper (e.g. Optuna) optimises
 
     saved = sys.argv
     sys.argv = [saved[0], "-m", *overrides]
@@ -139,7 +156,15 @@ def _multirun(command: str, overrides: list[str]) -> int:
         job()
     finally:
         sys.argv = saved
+    _summarise(sweep, where, jobs)
     return 0
+
+
+def _summarise(sweep, where: dict, jobs: list[dict]) -> None:
+    if jobs and where.get("sweep_dir"):
+        name = where.get("objective") or "objective"
+        text = sweep.write_summary(where["sweep_dir"], jobs, name, where.get("direction", "minimize"))
+        print(f"sweep: {len(jobs)} job(s), summary in {Path(where['sweep_dir']) / 'sweep.md'}\n{text}")
 
 
 def _report(command: str, err: UserError) -> None:

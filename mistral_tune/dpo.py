@@ -19,7 +19,7 @@ from mistral_tune.errors import UserError
 from mistral_tune.lean import lean_heads
 from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
-from mistral_tune.training import last_checkpoint, loss_history, trl_args, write_metrics
+from mistral_tune.training import DiskGuard, check_finite_loss, last_checkpoint, loss_history, trl_args, write_metrics
 
 log = logging.getLogger("mistral_tune")
 PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -41,6 +41,10 @@ def _trainer_class():
 
             with lean_heads(dpo_trainer):
                 super().__init__(*args, **kwargs)
+            self.add_callback(DiskGuard())
+
+        def training_step(self, *args, **kwargs):
+            return check_finite_loss(self, super().training_step(*args, **kwargs))
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if PRETOKENIZED <= set(dataset.column_names):
@@ -74,7 +78,7 @@ def run(cfg: DictConfig) -> Path:
     data.run(cfg)
     data_manifest = runs.require_manifest(cfg, "data", "dpo")
     if "dpo" not in data_manifest["report"]:
-        raise UserError("dpo needs preference rows: dpo.data.files is empty", hint="or set dpo.enabled=false")
+        raise UserError("dpo needs preference rows: dpo.data.files and dpo.data.sources are empty", hint="or set dpo.enabled=false")
     inputs = {"data": data_manifest["fingerprint"], "sft": sft_manifest["fingerprint"]}
     if runs.check_done(cfg, "dpo", inputs):
         return out

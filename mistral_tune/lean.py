@@ -119,13 +119,20 @@ def lean_heads(*trl_modules):
 def lean_sft_trainer():
     from trl import SFTTrainer
 
+    from mistral_tune.training import DiskGuard, check_finite_loss
+
     class LeanSFTTrainer(SFTTrainer):
-        """TRL's SFTTrainer with the lean LM head where TRL's has no fast kernel."""
+        """TRL's SFTTrainer with the lean LM head where TRL's has no fast kernel, a stop at the first
+        non-finite loss, and a free-disk check before each save."""
 
         def __init__(self, *args, **kwargs):
             from trl.trainer import sft_trainer
 
             with lean_heads(sft_trainer):
                 super().__init__(*args, **kwargs)
+            self.add_callback(DiskGuard())
+
+        def training_step(self, *args, **kwargs):
+            return check_finite_loss(self, super().training_step(*args, **kwargs))
 
     return LeanSFTTrainer

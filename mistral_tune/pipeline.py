@@ -1,4 +1,4 @@
-"""The `pipeline` command: data -> sft -> dpo -> merge (-> push when push.repo_id is set).
+"""The `pipeline` command: data -> sft -> dpo -> merge -> eval (-> push when push.repo_id is set).
 
 Each stage reads the previous stage's manifest from run_dir; finished stages with the same config
 are skipped, so re-running the command resumes where it stopped. With `launcher=<name>`, each
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune import data, dpo, merge, push, runs, sft
+from mistral_tune import data, dpo, evaluate, merge, push, runs, sft
 from mistral_tune.config import REPO_ROOT
 from mistral_tune.errors import UserError
 
@@ -50,14 +50,16 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     launched = cfg.launcher.name != "none"
     data.run(cfg)
     for stage, module in (("sft", sft), ("dpo", dpo)):
-        if stage == "dpo" and not (cfg.dpo.enabled and cfg.dpo.data.files):
-            log.info("dpo: skipped (%s)", "dpo.enabled=false" if not cfg.dpo.enabled else "no dpo.data.files")
+        if stage == "dpo" and not (cfg.dpo.enabled and (cfg.dpo.data.files or cfg.dpo.data.sources)):
+            log.info("dpo: skipped (%s)", "dpo.enabled=false" if not cfg.dpo.enabled else "no dpo data")
             continue
         if launched:
             run_launched(cfg, stage, overrides)
         else:
             module.run(cfg)
     out = merge.run(cfg)
+    if cfg.eval.enabled:
+        evaluate.run(cfg)  # before push, so the pushed model card carries the evaluation table
     if cfg.push.repo_id:
         push.run(cfg)
     if runs.is_main_process():

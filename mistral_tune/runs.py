@@ -66,7 +66,7 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
     """The part of the config that decides a stage's output (for skip/resume decisions)."""
     full = to_container(cfg)
     paths = {
-        "data": ["template", "data.on_error", "sft.data", "dpo.data", "model.default_template"],
+        "data": ["template", "data", "sft.data", "dpo.data", "model.default_template", "seed"],
         "sft": ["model", "template", "peft", "sft", "seed"],
         "dpo": ["model", "template", "peft", "dpo", "seed"],
         "merge": ["merge"],

@@ -105,15 +105,49 @@ class PeftConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    # Evaluation files (JSONL/JSON/Parquet/CSV; files, folders or globs) whose prompts must not
+    # appear in training rows: a row sharing an n-gram of words with one of them is dropped and
+    # counted. Prompts are read from messages/conversations (user turns), or from the first of
+    # prompt, question, instruction, problem, input, turns, text.
+    files: list[str] = field(default_factory=list)
+    ngram: int = 13  # words per n-gram (GPT-3's 13); shorter prompts must appear whole
+
+
+@dataclass
 class DataConfig:
     on_error: str = "raise"  # raise: stop at the first bad row; skip: drop it, listed in rejects.jsonl
     show: int = 0  # print this many rendered examples with the trained spans marked
+    # Duplicate removal per stage, across its sources (the first occurrence is kept):
+    # none | exact (same text after lowercasing and collapsing whitespace) | near (exact, then
+    # MinHash over word 5-grams, a pair above near_dup_threshold Jaccard counts as duplicate).
+    dedup: str = "none"
+    near_dup_threshold: float = 0.8  # Jaccard similarity of word 5-gram sets
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+
+
+@dataclass
+class SourceConfig:
+    # A local file, folder or glob (.jsonl, .json, .parquet, .csv), or a Hugging Face Hub
+    # dataset id (org/name) loaded with datasets.load_dataset.
+    path: str = MISSING
+    split: Optional[str] = None  # hub only: split to read (default train)
+    name: Optional[str] = None  # hub only: subset (configuration) name
+    revision: Optional[str] = None  # hub only: branch, tag or commit; pin it for reproducible data
+    format: str = "auto"  # auto: the stage's data.format; or force this source's format
+    columns: dict[str, str] = field(default_factory=dict)  # renames {old: new} applied before detection
+    # Mixture weight: 0.5 keeps a seeded random half of this source's rows, 2.0 repeats each
+    # twice, 1.5 repeats each once plus a seeded random half.
+    weight: float = 1.0
 
 
 @dataclass
 class StageData:
-    # Local files, folders or globs (.jsonl, .json, .parquet, .csv).
+    # Local files, folders or globs (.jsonl, .json, .parquet, .csv): the simple form of `sources`.
     files: list[str] = field(default_factory=list)
+    # Several sources with split/subset/revision, per-source format, column renames and weights.
+    # Give either files or sources (data=none clears the bundled files).
+    sources: list[SourceConfig] = field(default_factory=list)
     format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
     # Rows longer than this many tokens are dropped and counted in report.json; never truncated
     # silently (a truncated row can lose its EOS).
@@ -170,6 +204,48 @@ class LoggerConfig:
     # auto: online when a W&B API key is configured and the host answers, else offline.
     mode: str = "auto"
     tags: list[str] = field(default_factory=list)
+    # W&B group of the stage runs; null: one group per run_dir. A sweep (-m) sets one group for all
+    # its jobs.
+    group: Optional[str] = None
+
+
+# --- evaluation, plan and sweeps (mistral_tune/evaluate.py, plan.py, sweep.py) ---------------
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # the pipeline evaluates after merge
+    # Held-out SFT chats (any SFT format): loss/perplexity on their trained tokens, and greedy
+    # generation on their last user turn, scored by the bundled task checker where it applies.
+    files: list[str] = field(default_factory=list)
+    # Held-out preference pairs (any preference format): preference accuracy and reward margin.
+    pref_files: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])  # those present are evaluated
+    max_samples: int = 100  # at most this many chats and pairs per model (each a fraction of the files)
+    max_new_tokens: int = 16  # greedy generation length; the longest bundled answer is 15 tokens with EOS
+    batch_size: int = 32  # sequences per forward pass (generation batches are left-padded)
+    show: int = 5  # sample generations kept in results.json and the model card, per model
+
+
+@dataclass
+class PlanConfig:
+    num_gpus: Optional[int] = None  # null: launcher.num_processes
+    gpus_per_node: int = 8  # for DeepSpeed's estimators (nodes = ceil(num_gpus / gpus_per_node))
+    gpu_memory_gb: float = 80.0  # per GPU; the plan warns when the estimate exceeds it
+    # Rows to assume when the data files are not at hand (e.g. 207865 for UltraChat-200k
+    # train_sft, 61135 for UltraFeedback train_prefs); null: count the built data.
+    sft_rows: Optional[int] = None
+    dpo_rows: Optional[int] = None
+
+
+@dataclass
+class SweepConfig:
+    # What each job of a sweep (-m) returns to Hydra and the summary table sorts by:
+    # <stage>/<metric> from DIR/<stage>/metrics.json (sft/train_loss) or eval/<model>/<metric> from
+    # DIR/eval/results.json (eval/dpo/task_score). null: sft/train_loss for `sft`, dpo/train_loss
+    # for `dpo`, eval/<last model>/task_score for `pipeline` and `eval`.
+    objective: Optional[str] = None
+    direction: str = "auto"  # minimize | maximize | auto (minimize losses and perplexity)
 
 
 @dataclass
@@ -187,6 +263,9 @@ class Config:
     push: PushConfig = field(default_factory=PushConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register() -> None:

@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> Path:
     if "sft" not in data_manifest["report"]:
         from mistral_tune.errors import UserError
 
-        raise UserError("sft needs training rows: sft.data.files is empty")
+        raise UserError("sft needs training rows: sft.data.files and sft.data.sources are empty")
     inputs = {"data": data_manifest["fingerprint"], "base": cfg.model.name_or_path}
     if runs.check_done(cfg, "sft", inputs):
         return out

@@ -16,6 +16,10 @@ Formats (`fmt`, or detected per row when "auto"):
 
 Row numbers are 1-based: the line number for .jsonl, the record index otherwise (for .csv the
 header is not counted). Message positions inside a field are 0-based, as in `messages[2].role`.
+
+A `Source` is one entry of `<stage>.data.sources`: local files/folders/globs, or a Hugging Face
+Hub dataset id read with `datasets.load_dataset(path, name=, split=, revision=)`, with its own
+format and column renames ({old: new}, applied before format detection).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import csv
 import glob
 import json
 import os
+import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,6 +68,47 @@ class LoadResult:
     rejects: list[Reject]
     read: int  # == len(rows) + len(rejects)
     per_file: dict[str, dict]  # file -> {"read", "kept", "rejected"}
+    origins: list[tuple[str, int, str]] = field(default_factory=list)  # (file, row, "line"|"row") per row
+
+
+@dataclass
+class Source:
+    """One data source of a stage (the plain form of schema.SourceConfig)."""
+
+    path: str
+    split: str | None = None
+    name: str | None = None
+    revision: str | None = None
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+
+    @property
+    def is_hub(self) -> bool:
+        return is_hub_id(self.path)
+
+    @property
+    def label(self) -> str:
+        """How reports and rejects name the source."""
+        if not self.is_hub:
+            return str(self.path)
+        subset = f"[{self.name}]" if self.name else ""
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"hub:{self.path}{subset}:{self.split or 'train'}{revision}"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_hub_id(path: str) -> bool:
+    """A Hub dataset id: not a local path, no glob, no data file extension, `org/name` shaped."""
+    spec = os.path.expanduser(os.fspath(path))
+    return (
+        not os.path.exists(spec)
+        and not any(c in spec for c in "*?[")
+        and not spec.lower().endswith(EXTENSIONS)
+        and _HUB_ID.fullmatch(spec) is not None
+    )
 
 
 class _RowError(Exception):
@@ -71,8 +117,60 @@ class _RowError(Exception):
         self.field, self.reason = field, reason
 
 
-def load_rows(files: list[str], kind: str, on_error: str = "raise", fmt: str = "auto") -> LoadResult:
+def load_rows(
+    files: list[str], kind: str, on_error: str = "raise", fmt: str = "auto", columns: dict | None = None
+) -> LoadResult:
     """Read, detect the format of, and normalise every row of `files` (files, folders or globs)."""
+    _check_arguments(kind, on_error, fmt)
+    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
+    for path in expand_files(files):
+        rows = _read_file(path, columns or {})
+        tabular = path.suffix.lower() in (".parquet", ".csv")  # every row has every column
+        where = "line" if path.suffix.lower() == ".jsonl" else "row"
+        _consume(result, str(path), where, rows, kind, on_error, fmt, columns or {}, tabular)
+    return result
+
+
+def load_source(src: Source, kind: str, on_error: str = "raise", fmt: str = "auto") -> LoadResult:
+    """Every row of one source; the source's own format, if set, overrides `fmt`."""
+    fmt = fmt if src.format == "auto" else src.format
+    if not src.is_hub:
+        hub_only = [k for k in ("split", "name", "revision") if getattr(src, k) is not None]
+        if hub_only:
+            raise UserError(f"source {src.path!r} is a local path: {', '.join(hub_only)} apply to Hub datasets only")
+        return load_rows([src.path], kind, on_error, fmt, src.columns)
+    _check_arguments(kind, on_error, fmt)
+    dataset = load_hub_dataset(src)
+    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
+    rows = ((i, row, _renamed(row, src.columns)) for i, row in enumerate(dataset, 1))
+    _consume(result, src.label, "row", rows, kind, on_error, fmt, src.columns, tabular=True)
+    return result
+
+
+_HUB_DATASETS: dict[tuple, Any] = {}  # one load per process: the cache key and the build both need it
+
+
+def load_hub_dataset(src: Source):
+    """`datasets.load_dataset(path, name=, split=, revision=)`, as a UserError when it fails."""
+    key = (src.path, src.name, src.split or "train", src.revision)
+    if key not in _HUB_DATASETS:
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset(src.path, name=src.name, split=src.split or "train", revision=src.revision)
+        except Exception as err:  # offline, unknown id, bad split or subset: datasets raises many types
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"cannot load Hub dataset {src.label}: {first}",
+                hint="check the id, split, name and revision; a local path that does not exist is read as a Hub id",
+            ) from None
+        if not isinstance(dataset, datasets.Dataset):
+            raise UserError(f"Hub dataset {src.label} did not load as one split (got {type(dataset).__name__})")
+        _HUB_DATASETS[key] = dataset
+    return _HUB_DATASETS[key]
+
+
+def _check_arguments(kind: str, on_error: str, fmt: str) -> None:
     if kind not in ("sft", "dpo"):
         raise UserError(f"unknown data kind {kind!r}; expected 'sft' or 'dpo'")
     if on_error not in ("raise", "skip"):
@@ -81,25 +179,58 @@ def load_rows(files: list[str], kind: str, on_error: str = "raise", fmt: str = "
     if fmt != "auto" and fmt not in formats:
         raise UserError(f"unknown {kind} data format {fmt!r}; expected 'auto' or one of {', '.join(formats)}")
 
-    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
-    for path in expand_files(files):
-        name = str(path)
-        counts = result.per_file[name] = {"read": 0, "kept": 0, "rejected": 0}
-        for row_no, raw, value in _read_file(path):
-            counts["read"] += 1
-            result.read += 1
-            try:
-                if isinstance(value, _RowError):
-                    raise value
-                result.rows.append(_normalise(value, kind, fmt))
-                counts["kept"] += 1
-            except _RowError as err:
-                where = f"line {row_no}" if path.suffix.lower() == ".jsonl" else f"row {row_no}"
-                if on_error == "raise":
-                    raise UserError(f"{name}, {where}, field {err.field}: {err.reason}", hint=SKIP_HINT) from None
-                result.rejects.append(Reject(name, row_no, err.field, err.reason, raw))
-                counts["rejected"] += 1
-    return result
+
+def _consume(result: LoadResult, name: str, where: str, rows, kind: str, on_error: str, fmt: str,
+             columns: dict, tabular: bool) -> None:
+    """Normalise (row number, raw, value) triples of one file into `result`, counting each."""
+    counts = result.per_file[name] = {"read": 0, "kept": 0, "rejected": 0}
+    seen_columns: set[str] = set()
+    for row_no, raw, value in rows:
+        if isinstance(raw, dict):
+            seen_columns.update(map(str, raw))
+            if tabular and counts["read"] == 0:
+                _check_renames(name, columns, seen_columns)  # a misspelt column fails at once
+        counts["read"] += 1
+        result.read += 1
+        try:
+            if isinstance(value, _RowError):
+                raise value
+            result.rows.append(_normalise(value, kind, fmt))
+            result.origins.append((name, row_no, where))
+            counts["kept"] += 1
+        except _RowError as err:
+            if on_error == "raise":
+                unseen = [old for old in columns if old not in seen_columns]
+                note = f" (no row so far has the column(s) to rename: {', '.join(unseen)})" if unseen else ""
+                raise UserError(f"{name}, {where} {row_no}, field {err.field}: {err.reason}{note}", hint=SKIP_HINT) from None
+            result.rejects.append(Reject(name, row_no, err.field, err.reason, raw))
+            counts["rejected"] += 1
+    if counts["read"]:
+        _check_renames(name, columns, seen_columns)
+
+
+def _check_renames(name: str, columns: dict, seen: set[str]) -> None:
+    missing = [old for old in columns if old not in seen]
+    if missing:
+        found = ", ".join(sorted(seen)) or "none"
+        raise UserError(f"{name}: columns to rename not found: {', '.join(missing)} (columns: {found})")
+
+
+def _renamed(row: object, columns: dict) -> object:
+    """The row with its columns renamed {old: new}, or a _RowError when a rename would overwrite."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = dict(row)
+    for old, new in columns.items():
+        if old not in row:
+            continue
+        if _get(row, new) is not None and new not in columns:
+            return _RowError(old, f"renaming column {old!r} to {new!r} would overwrite the row's own {new!r}")
+        out.pop(old)
+    for old, new in columns.items():
+        if old in row:
+            out[new] = row[old]
+    return out
 
 
 def write_rejects(rejects: list[Reject], path: str | os.PathLike) -> None:
@@ -107,7 +238,12 @@ def write_rejects(rejects: list[Reject], path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rejects:
-            f.write(json.dumps(asdict(r), ensure_ascii=False, default=str) + "\n")
+            line = json.dumps(asdict(r), ensure_ascii=False, default=str)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # the raw row holds a lone surrogate: keep it escaped
+                line = json.dumps(asdict(r), default=str)
+            f.write(line + "\n")
 
 
 def expand_files(files: list[str]) -> list[Path]:
@@ -156,15 +292,17 @@ def _folder_files(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- readers: (row, raw, value)
 
-def _read_file(path: Path) -> Iterator[tuple[int, object, object]]:
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, object, object]]:
+    """(row number, raw, value) of every record of one file; value is an Exception for a bad one."""
+    return _read_file(Path(path), {})
+
+
+def _read_file(path: Path, columns: dict) -> Iterator[tuple[int, object, object]]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    return _read_csv(path)
+    if suffix == ".csv":  # renamed before cells are parsed, so a renamed column holds messages too
+        return _read_csv(path, columns)
+    rows = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[suffix](path)
+    return ((n, raw, value if isinstance(value, _RowError) else _renamed(value, columns)) for n, raw, value in rows)
 
 
 def _read_jsonl(path: Path):
@@ -214,21 +352,29 @@ def _read_parquet(path: Path):
         yield i, row, row
 
 
-def _read_csv(path: Path):
+def _read_csv(path: Path, columns: dict):
     csv.field_size_limit(sys.maxsize)  # long conversations exceed the 128 KiB default
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return
-        for i, cells in enumerate(reader, 1):
-            if not cells:
-                continue
-            raw = dict(zip(header, cells))
-            if len(cells) != len(header):
-                yield i, cells, _RowError("<row>", f"row has {len(cells)} cells, header has {len(header)}")
-                continue
-            yield i, raw, {k: _cell(k, v) for k, v in raw.items()}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            for i, cells in enumerate(reader, 1):
+                if not cells:
+                    continue
+                raw = dict(zip(header, cells))
+                if len(cells) != len(header):
+                    yield i, cells, _RowError("<row>", f"row has {len(cells)} cells, header has {len(header)}")
+                    continue
+                value = _renamed(raw, columns)
+                if not isinstance(value, _RowError):
+                    value = {k: _cell(k, v) for k, v in value.items()}
+                yield i, raw, value
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 text (byte {e.start}); CSV files must be UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot parse CSV ({e})") from None
 
 
 def _cell(column: str, text: str) -> Any:
@@ -371,6 +517,10 @@ def _text(obj: dict, key: str, where: str | None = None) -> str:
         raise _RowError(where, f"content must be a string, got {_type(value)}")
     if not value.strip():
         raise _RowError(where, "empty content")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+        raise _RowError(where, f"content is not valid Unicode (lone surrogate at character {e.start})") from None
     return value
 
 

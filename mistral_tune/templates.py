@@ -21,6 +21,35 @@ mistral-common changes the loop, we fail loudly instead of training on a wrong f
 Each message is encoded by its own SentencePiece call, so text that looks like a control
 token (``"[INST]"``, ``"</s>"``) inside message content is always plain text: a user cannot
 inject control tokens through data.
+
+Two more formats, for users of the alignment-handbook, have no mistral-common reference, so
+they are defined here (`TEXT_TEMPLATES`), over the vocabulary of a Mistral tokenizer file
+(``vocab=``, default that of mistral_v1, the Mistral-7B-v0.1 base of Zephyr-7B-beta). Their
+markers are *plain text* in every Mistral vocabulary (no token is added: that would resize
+the pretrained embeddings); BOS and EOS are the vocabulary's own control tokens:
+
+- ``zephyr`` (HuggingFaceH4/zephyr-7b-beta's template)::
+
+      <s><|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n{reply}</s>
+
+  every message ends with EOS, as in Zephyr; the generation prompt is ``\n<|assistant|>\n``.
+- ``chatml``::
+
+      <s><|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|></s>
+
+  ``<|im_end|>`` is text here, so every *assistant* turn is closed by ``<|im_end|>`` and then
+  EOS: generation stops at EOS with the ordinary generation config. The generation prompt is
+  ``\n<|im_start|>assistant\n``.
+
+Both differ from the HF Jinja templates they mirror in one place only: the newline that HF
+writes after every message is written *between* messages, so a training sequence ends with
+the EOS of its last reply (nothing follows EOS in generation). The ids are defined as those
+of `tokenizer.build_hf_tokenizer` on the rendered text: the text between control tokens is
+one SentencePiece call each (with its dummy prefix, so ``</s>\n`` gives ``</s> ▁ \n``). Content
+is encoded as text, never as control tokens, even when it contains ``</s>``. Trained: the
+reply, (chatml) its ``<|im_end|>``, and its EOS. A reply starts after a newline, which
+SentencePiece never merges with anything (no piece holds ``\n``; it is a byte token), so
+the mask boundary is a token boundary; `_encode_text` checks it.
 """
 
 from __future__ import annotations
@@ -46,6 +75,11 @@ TEMPLATES: dict[str, str] = {
     "mistral_v7": "mistral_instruct_tokenizer_241114.model.v7",
 }
 
+# HF-style formats defined here (no mistral-common reference), over a Mistral vocabulary.
+TEXT_TEMPLATES = ("chatml", "zephyr")
+ALL_TEMPLATES = (*TEMPLATES, *TEXT_TEMPLATES)
+DEFAULT_VOCAB = "mistral_v1"  # Mistral-7B-v0.1, the base of Zephyr-7B-beta
+
 # "assistant": every assistant turn (content + its EOS) is trained.
 # "last_assistant": only the final assistant turn (content + its EOS).
 # "all": every token except the leading BOS (nothing predicts the first token).
@@ -60,10 +94,23 @@ class Encoded:
     assistant_masks: list[int]  # 1 on trained tokens, 0 elsewhere; same length as input_ids
 
 
-def mistral_tokenizer_file(template: str) -> Path:
+def vocab_of(template: str, vocab: str | None = None) -> str:
+    """The Mistral format whose tokenizer file gives `template` its ids (itself for Mistral formats)."""
+    if template in TEMPLATES:
+        if vocab not in (None, template):
+            raise ValueError(f"{template} has its own vocabulary; vocab={vocab!r} applies to {TEXT_TEMPLATES} only")
+        return template
+    if template in TEXT_TEMPLATES:
+        vocab = vocab or DEFAULT_VOCAB
+        if vocab not in TEMPLATES:
+            raise ValueError(f"Unknown vocab {vocab!r}; expected one of {sorted(TEMPLATES)}")
+        return vocab
+    raise ValueError(f"Unknown template {template!r}; expected one of {sorted(ALL_TEMPLATES)}")
+
+
+def mistral_tokenizer_file(template: str, vocab: str | None = None) -> Path:
     """Path of the SentencePiece file for `template`, inside the installed mistral-common."""
-    _check_template(template)
-    return Path(mistral_common.__file__).parent / "data" / TEMPLATES[template]
+    return Path(mistral_common.__file__).parent / "data" / TEMPLATES[vocab_of(template, vocab)]
 
 
 @lru_cache(maxsize=None)
@@ -72,7 +119,7 @@ def mistral_tokenizer(template: str) -> MistralTokenizer:
     return MistralTokenizer.from_file(str(mistral_tokenizer_file(template)))
 
 
-def encode_chat(messages: list[dict], template: str, train_on: str = "assistant") -> Encoded:
+def encode_chat(messages: list[dict], template: str, train_on: str = "assistant", vocab: str | None = None) -> Encoded:
     """Training sequence of a conversation ending with an assistant turn, with its loss mask.
 
     `input_ids` equals mistral-common's ``encode_instruct`` of the same conversation: one
@@ -81,7 +128,9 @@ def encode_chat(messages: list[dict], template: str, train_on: str = "assistant"
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"Unknown train_on {train_on!r}; expected one of {TRAIN_ON}")
-    _check_messages(messages, template, last_role="assistant")
+    _check_messages(messages, template, last_role="assistant", vocab=vocab)
+    if template in TEXT_TEMPLATES:
+        return _encode_text(messages, template, vocab_of(template, vocab), train_on, generation_prompt=False)
     spans = _encode_spans(messages, template)
     input_ids = [tok for _, span in spans for tok in span]
 
@@ -98,19 +147,21 @@ def encode_chat(messages: list[dict], template: str, train_on: str = "assistant"
     return Encoded(input_ids=input_ids, assistant_masks=masks)
 
 
-def encode_prompt(messages: list[dict], template: str) -> list[int]:
+def encode_prompt(messages: list[dict], template: str, vocab: str | None = None) -> list[int]:
     """Generation prompt of a conversation ending with a user turn.
 
     Mistral formats have no assistant header: the prompt ends with ``[/INST]`` and the
-    model's reply starts right after it.
+    model's reply starts right after it. chatml and zephyr end with their assistant header.
     """
-    _check_messages(messages, template, last_role="user")
+    _check_messages(messages, template, last_role="user", vocab=vocab)
+    if template in TEXT_TEMPLATES:
+        return _encode_text(messages, template, vocab_of(template, vocab), "assistant", generation_prompt=True).input_ids
     request = _instruct_request(messages, template)
     return list(mistral_tokenizer(template).instruct_tokenizer.encode_instruct(request).tokens)
 
 
 def encode_preference(
-    prompt_messages: list[dict], chosen: str, rejected: str, template: str
+    prompt_messages: list[dict], chosen: str, rejected: str, template: str, vocab: str | None = None
 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) for DPO.
 
@@ -119,14 +170,14 @@ def encode_preference(
     with EOS. Raises ValueError if the prompt is not a token prefix of both, instead of
     silently cutting the sequences somewhere else.
     """
-    prompt_ids = encode_prompt(prompt_messages, template)
+    prompt_ids = encode_prompt(prompt_messages, template, vocab=vocab)
     completions = []
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        full = encode_chat([*prompt_messages, {"role": "assistant", "content": reply}], template).input_ids
+        full = encode_chat([*prompt_messages, {"role": "assistant", "content": reply}], template, vocab=vocab).input_ids
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(f"{template}: the prompt is not a token prefix of prompt + {name}")
         completion = full[len(prompt_ids) :]
-        if not completion or completion[-1] != _eos_id(template):
+        if not completion or completion[-1] != _eos_id(vocab_of(template, vocab)):
             raise ValueError(f"{template}: the {name} completion does not end with EOS")
         completions.append(completion)
     return prompt_ids, completions[0], completions[1]
@@ -135,14 +186,9 @@ def encode_preference(
 # --- internals -----------------------------------------------------------------------
 
 
-def _check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ValueError(f"Unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
-
-
-def _check_messages(messages: list[dict], template: str, last_role: str) -> None:
+def _check_messages(messages: list[dict], template: str, last_role: str, vocab: str | None = None) -> None:
     """Cheap structural checks; full validation is the data module's job."""
-    _check_template(template)
+    vocab_of(template, vocab)
     if not messages:
         raise ValueError("Empty conversation")
     for message in messages:
@@ -213,3 +259,72 @@ def _encode_spans(messages: list[dict], template: str) -> list[tuple[str, list[i
             "its message loop has changed, update _encode_spans"
         )
     return spans
+
+
+# --- chatml and zephyr ----------------------------------------------------------------
+
+
+def _text_parts(messages: list[dict], template: str, generation_prompt: bool) -> list[tuple[int, str | int]]:
+    """[(message index or -1 for headers, text or the EOS marker 2)] of the rendered conversation."""
+    parts: list[tuple[int, str | int]] = []
+    for i, m in enumerate(messages):
+        sep = "\n" if i else ""  # between messages, not after the last: a sequence ends with EOS
+        if template == "zephyr":
+            parts += [(-1, f"{sep}<|{m['role']}|>\n"), (i, m["content"]), (i, _EOS)]
+        else:  # chatml: <|im_end|> is text; EOS closes assistant turns so generation stops
+            parts += [(-1, f"{sep}<|im_start|>{m['role']}\n"), (i, m["content"]), (i, "<|im_end|>")]
+            if m["role"] == "assistant":
+                parts.append((i, _EOS))
+    if generation_prompt:
+        parts.append((-1, "\n<|assistant|>\n" if template == "zephyr" else "\n<|im_start|>assistant\n"))
+    return parts
+
+
+_EOS = 2  # marker in _text_parts for the vocabulary's EOS token (id 2 in every Mistral file)
+
+
+def _encode_text(messages: list[dict], template: str, vocab: str, train_on: str, generation_prompt: bool) -> Encoded:
+    sp = mistral_tokenizer(vocab).instruct_tokenizer.tokenizer
+    assert sp.eos_id == _EOS and sp.bos_id == 1
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-2)
+
+    def trained(owner: int) -> bool:
+        if train_on == "all":
+            return True
+        if owner < 0 or messages[owner]["role"] != "assistant":
+            return False
+        return train_on == "assistant" or owner == last_assistant
+
+    input_ids, masks = [sp.bos_id], [0]  # nothing predicts BOS
+    chunk: list[tuple[str, bool]] = []  # text between control tokens: one SentencePiece call
+
+    def flush() -> None:
+        text = "".join(t for t, _ in chunk)
+        ids = sp.encode(text, bos=False, eos=False) if text else []
+        flags = [False] * len(ids)
+        offset, done = 0, 0
+        for i, (piece, flag) in enumerate(chunk):
+            if i and flag != chunk[i - 1][1]:
+                # The mask changes here; it is always right after a newline, which no piece merges
+                # with, so the ids of the text before it are a prefix of the chunk's ids.
+                head = sp.encode(text[:offset], bos=False, eos=False)
+                if ids[: len(head)] != head:
+                    raise RuntimeError(f"{template}: a trained span does not start on a token boundary")
+                flags[done:len(head)] = [chunk[i - 1][1]] * (len(head) - done)
+                done = len(head)
+            offset += len(piece)
+        if chunk:
+            flags[done:] = [chunk[-1][1]] * (len(ids) - done)
+        input_ids.extend(ids)
+        masks.extend(map(int, flags))
+        chunk.clear()
+
+    for owner, piece in _text_parts(messages, template, generation_prompt):
+        if piece == _EOS:
+            flush()
+            input_ids.append(sp.eos_id)
+            masks.append(int(trained(owner)))
+        elif piece:
+            chunk.append((piece, trained(owner)))
+    flush()
+    return Encoded(input_ids=input_ids, assistant_masks=masks)

@@ -44,6 +44,15 @@ Where it cannot match:
 3. Conversation shapes: the Jinja templates accept one optional leading system message and
    string contents only (what `mistral_tune.data` produces); anything else raises. The
    reference also folds later system messages in; we do not need that.
+
+``chatml`` and ``zephyr`` (defined in `mistral_tune.templates`, over the vocabulary of the
+model's Mistral tokenizer) have the same properties: ``apply_chat_template`` equals
+``encode_chat``/``encode_prompt`` for ordinary content, with the assistant mask, and point 1
+applies to them too (``</s>`` written in content becomes EOS under Jinja). Their
+``add_generation_prompt`` appends the assistant header (``\n<|assistant|>\n``,
+``\n<|im_start|>assistant\n``), and a conversation rendered without it ends with the EOS
+(zephyr: of any message; chatml: of an assistant turn) or ``<|im_end|>``, never with HF's
+trailing newline.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from mistral_tune.templates import TEMPLATES, mistral_tokenizer_file
+from mistral_tune.templates import ALL_TEMPLATES, mistral_tokenizer_file
 
 # Context length the tokenizer warns about; Mistral 7B v0.1-v0.3 and Large 2411 all handle
 # 32k positions, and training sequences are cut well below that by `max_length`.
@@ -132,17 +141,51 @@ _V7 = (
     "{%- endfor -%}"
 )
 
-CHAT_TEMPLATES: dict[str, str] = {"mistral_v1": _V1, "mistral_v3": _V3, "mistral_v7": _V7}
-assert CHAT_TEMPLATES.keys() == TEMPLATES.keys(), "every template needs its Jinja twin"
+# zephyr (HuggingFaceH4/zephyr-7b-beta): every message ends with EOS; the newline HF writes
+# after each message goes between messages here, so a training sequence ends with EOS.
+_ZEPHYR = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>\n' -}}{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'user' or (message['role'] == 'system' and loop.first) -%}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] + eos_token -}}"
+    "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\n<|assistant|>\n' -}}{%- endif -%}"
+)
+
+# chatml: <|im_start|>/<|im_end|> are plain text in Mistral vocabularies, so an assistant turn
+# is closed by <|im_end|> and then EOS, or generation with eos_token_id would never stop.
+_CHATML = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' + eos_token -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'user' or (message['role'] == 'system' and loop.first) -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' -}}"
+    "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\n<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+CHAT_TEMPLATES: dict[str, str] = {
+    "mistral_v1": _V1, "mistral_v3": _V3, "mistral_v7": _V7, "chatml": _CHATML, "zephyr": _ZEPHYR,
+}
+assert CHAT_TEMPLATES.keys() == set(ALL_TEMPLATES), "every template needs its Jinja twin"
 
 
-def build_hf_tokenizer(template: str) -> PreTrainedTokenizerBase:
-    """Fast HF tokenizer converted from the mistral-common file of `template`, with its chat template."""
-    if template not in TEMPLATES:
-        raise ValueError(f"Unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+def build_hf_tokenizer(template: str, vocab: str | None = None) -> PreTrainedTokenizerBase:
+    """Fast HF tokenizer converted from the mistral-common file of `template` (for chatml and
+    zephyr: of the Mistral format `vocab`, default mistral_v1), with its chat template."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}; expected one of {sorted(CHAT_TEMPLATES)}")
     with tempfile.TemporaryDirectory() as tmp:
         # transformers converts SentencePiece files named *.model; mistral-common's are *.model.vN
-        shutil.copyfile(mistral_tokenizer_file(template), Path(tmp) / "tokenizer.model")
+        shutil.copyfile(mistral_tokenizer_file(template, vocab), Path(tmp) / "tokenizer.model")
         # TokenizersBackend, not LlamaTokenizer: LlamaTokenizer rebuilds its pipeline with a
         # "first chunk only" dummy prefix, which turns "</s>▁[INST]" into "</s>[INST]" (v1).
         tok = TokenizersBackend.from_pretrained(

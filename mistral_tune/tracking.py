@@ -78,7 +78,7 @@ def tracked(cfg: DictConfig, stage: str) -> Iterator[list[str]]:
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=group_name(cfg.run_dir),
+        group=cfg.logger.group or group_name(cfg.run_dir),  # a sweep sets one group for its jobs
         name=stage,
         job_type=stage,
         tags=list(cfg.logger.tags),

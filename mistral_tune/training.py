@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from transformers import TrainerCallback
 
 from mistral_tune import runs
 from mistral_tune.config import trainer_kwargs
@@ -64,16 +67,76 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
         raise UserError(f"{stage}.trainer: {str(err).splitlines()[0]}") from None
 
 
-def last_checkpoint(out: Path) -> str | None:
-    """The newest complete checkpoint-N folder, for automatic resume."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_is_complete(path: Path) -> bool:
+    """transformers writes trainer_state.json last in a checkpoint: a folder without a readable one
+    was cut off mid-save (preemption, OOM, a full disk)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = list(path.glob("*.safetensors")) or list(path.glob("*.safetensors.index.json"))
+    return "global_step" in state and (bool(weights) or (path / "pytorch_model.bin").exists() or
+                                       any(path.glob("global_step*")))
 
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete checkpoint-N folder, for automatic resume; incomplete ones are reported
+    by path and skipped, so resume falls back to the previous checkpoint."""
     if not out.is_dir():
         return None
-    found = get_last_checkpoint(str(out))
-    if found:
-        log.info("resuming from %s", found)
-    return found
+    found = sorted(
+        (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in found:
+        if _checkpoint_is_complete(path):
+            log.info("resuming from %s", path)
+            return str(path)
+        log.warning("checkpoint %s is incomplete (cut off while saving?); falling back to an earlier one", path)
+    return None
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def check_finite_loss(trainer, loss: torch.Tensor) -> torch.Tensor:
+    """Stop at the first NaN/Inf loss, naming the step. (transformers' logging_nan_inf_filter would
+    log a made-up average instead and train on.) Nothing is saved after it, so the last good
+    checkpoint stays the newest."""
+    if not torch.isfinite(loss.detach()).all():
+        good = last_checkpoint(Path(trainer.args.output_dir))
+        raise NonFiniteLoss(
+            f"loss became {loss.item()} at step {trainer.state.global_step + 1}; training stopped "
+            f"(last good checkpoint: {good or 'none saved yet'})",
+            hint="lower the learning rate or check the data; re-running resumes from that checkpoint",
+        )
+    return loss
+
+
+def checkpoint_bytes(model) -> int:
+    """What a checkpoint of this model will take: the saved weights (all of them for full training,
+    the trainable ones for adapters) plus AdamW's two fp32 moments per trainable parameter."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = trainable if len(trainable) < sum(1 for _ in model.parameters()) else list(model.parameters())
+    return sum(p.numel() * p.element_size() for p in saved) + sum(8 * p.numel() for p in trainable)
+
+
+class DiskGuard(TrainerCallback):
+    """Refuse a save that will not fit: a checkpoint cut off by a full disk is worse than none."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None:
+            need = checkpoint_bytes(model)
+            free = shutil.disk_usage(args.output_dir).free
+            if free < 1.1 * need:
+                raise UserError(
+                    f"not enough disk for the checkpoint at step {state.global_step}: it needs about "
+                    f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free under {args.output_dir}",
+                    hint="free some space (or lower save_total_limit) and re-run: training resumes",
+                )
+        return control
 
 
 def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict | None = None) -> dict:

@@ -452,3 +452,53 @@ def test_write_rejects_one_json_object_per_line(tmp_path):
 def test_user_error_hint_is_second_line():
     assert str(UserError("bad value")) == "bad value"
     assert str(UserError("bad value", hint="use 3")) == "bad value\nhint: use 3"
+
+
+# --- sources: renames, Hub ids ------------------------------------------------------------------
+
+from mistral_tune.sources import Source, is_hub_id, load_source  # noqa: E402
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet, write_json])
+def test_column_renames_before_detection(tmp_path, writer):
+    rows = [{"dialog": msgs(("user", "Hi"), ("assistant", "Hello!")), "note": "x"}]
+    path = writer(tmp_path / f"f.{writer.__name__.split('_')[1]}", rows)
+    result = load_source(Source(path=path, columns={"dialog": "messages"}), "sft")
+    assert result.rows == [EXPECTED_SFT]
+    with pytest.raises(UserError, match="to rename.*: dialogue"):
+        load_source(Source(path=path, columns={"dialogue": "messages"}), "sft")
+
+
+def test_rename_that_would_overwrite_is_a_reject(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [GOOD_SFT, {**GOOD_SFT, "dialog": GOOD_SFT["messages"]}])
+    result = load_source(Source(path=path, columns={"dialog": "messages"}), "sft", on_error="skip")
+    assert len(result.rows) == 1 and result.rejects[0].field == "dialog" and "overwrite" in result.rejects[0].reason
+
+
+def test_source_format_overrides_the_stage_format(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"instruction": "Hi", "output": "Hello!", "messages": "not a list"}])
+    assert load_source(Source(path=path, format="alpaca"), "sft", fmt="messages").rows == [EXPECTED_SFT]
+
+
+def test_hub_ids_and_labels(tmp_path):
+    (tmp_path / "local").mkdir()
+    assert is_hub_id("HuggingFaceH4/ultrachat_200k") and is_hub_id("squad")
+    assert not is_hub_id(str(tmp_path / "local")) and not is_hub_id("a/b.jsonl") and not is_hub_id("data/*.json")
+    assert Source("org/x", split="test", name="en", revision="abc").label == "hub:org/x[en]:test@abc"
+    assert Source("org/x").label == "hub:org/x:train"
+
+
+def test_lone_surrogate_is_a_reject_and_rejects_file_stays_utf8(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}\n')
+    result = load_rows([str(path)], "sft", on_error="skip")
+    assert result.rejects[0].field == "messages[0].content" and "surrogate" in result.rejects[0].reason
+    write_rejects(result.rejects, tmp_path / "rejects.jsonl")
+    assert json.loads((tmp_path / "rejects.jsonl").read_text(encoding="utf-8"))["row"] == 1
+
+
+def test_csv_that_is_not_utf8_is_a_user_error(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"messages\n\xff\xfe\n")
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        load_rows([str(path)], "sft")

@@ -232,7 +232,7 @@ def test_preference_with_v3_system_prompt_in_last_user_turn():
 
 
 def test_preference_raises_when_prompt_is_not_a_prefix(monkeypatch):
-    monkeypatch.setattr(templates, "encode_prompt", lambda messages, template: [BOS, 99999])
+    monkeypatch.setattr(templates, "encode_prompt", lambda messages, template, vocab=None: [BOS, 99999])
     with pytest.raises(ValueError, match="prefix"):
         encode_preference([{"role": "user", "content": "q"}], "a", "b", "mistral_v3")
 
@@ -254,7 +254,9 @@ def test_self_check_catches_a_changed_reference(monkeypatch):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "zephyr"), "template"),
+        (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "llama3"), "template"),
+        (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v3", vocab="mistral_v1"), "vocab"),
+        (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chatml", vocab="gpt2"), "vocab"),
         (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v3", train_on="prompt"), "train_on"),
         (lambda: encode_chat([{"role": "user", "content": "q"}], "mistral_v3"), "end with a 'assistant'"),
         (lambda: encode_prompt([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v3"), "end with a 'user'"),
@@ -266,3 +268,71 @@ def test_self_check_catches_a_changed_reference(monkeypatch):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- chatml and zephyr: defined here, checked against their definition ------------------------
+
+TEXT_EXPECTED = {
+    # template: (rendered text of [system, user, assistant, user, assistant], generation header)
+    "zephyr": ("<|system|>\nS</s>\n<|user|>\nq1</s>\n<|assistant|>\na1</s>\n<|user|>\nq2</s>\n<|assistant|>\na2</s>",
+               "\n<|assistant|>\n"),
+    "chatml": ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|></s>"
+               "\n<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|></s>", "\n<|im_start|>assistant\n"),
+}
+
+
+def _text_ids(rendered: str, vocab: str) -> list[int]:
+    """The definition: BOS, then each stretch between EOS markers one SentencePiece call."""
+    sp = mistral_tokenizer(vocab).instruct_tokenizer.tokenizer
+    ids = [BOS]
+    chunks = rendered.split("</s>")
+    for i, chunk in enumerate(chunks):
+        ids += sp.encode(chunk, bos=False, eos=False) if chunk else []
+        if i < len(chunks) - 1:
+            ids.append(EOS)
+    return ids
+
+
+@pytest.mark.parametrize("vocab", TEMPLATES)
+@pytest.mark.parametrize("template", templates.TEXT_TEMPLATES)
+def test_text_templates_follow_their_definition(template, vocab):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"}]
+    rendered, header = TEXT_EXPECTED[template]
+    encoded = encode_chat(messages, template, vocab=vocab)
+    assert encoded.input_ids == _text_ids(rendered, vocab)
+    sp = mistral_tokenizer(vocab).instruct_tokenizer.tokenizer
+    closing = "<|im_end|>" if template == "chatml" else ""
+    # a reply follows a newline (no dummy prefix): its ids are those after "▁", "\n"
+    trained = [sp.encode(f"\na{i}{closing}", bos=False, eos=False)[2:] + [EOS] for i in (1, 2)]
+    assert trained_runs(encoded) == trained  # replies (+ <|im_end|>) and their EOS, nothing else
+    assert encoded.input_ids[-1] == EOS and encoded.assistant_masks[-1] == 1
+    prompt = encode_prompt(messages[:4], template, vocab=vocab)
+    assert prompt == _text_ids(rendered[: rendered.index("a2")], vocab)
+    assert rendered[: rendered.index("a2")].endswith(header)
+    last = encode_chat(messages, template, train_on="last_assistant", vocab=vocab)
+    assert trained_runs(last) == trained[-1:]
+    everything = encode_chat(messages, template, train_on="all", vocab=vocab)
+    assert everything.assistant_masks == [0] + [1] * (len(everything.input_ids) - 1)
+
+
+@pytest.mark.parametrize("template", templates.TEXT_TEMPLATES)
+def test_text_templates_on_random_conversations(template):
+    sp = mistral_tokenizer("mistral_v1").instruct_tokenizer.tokenizer
+    rng = random.Random(11)
+    for messages in conversations(seed=12)[:150]:
+        encoded = encode_chat(messages, template)
+        assert encoded.input_ids.count(BOS) == 1 and encoded.input_ids[-1] == EOS
+        # control strings in content stay text: EOS only where the format puts it
+        eos_expected = len(messages) if template == "zephyr" else sum(m["role"] == "assistant" for m in messages)
+        assert encoded.input_ids.count(EOS) == eos_expected
+        closing = "<|im_end|>" if template == "chatml" else ""
+        replies = [m["content"] + closing for m in messages if m["role"] == "assistant"]
+        assert trained_runs(encoded) == [sp.encode("\n" + r, bos=False, eos=False)[2:] + [EOS] for r in replies]
+        prompt = messages[:-1]
+        if prompt[-1]["role"] == "user":
+            chosen, rejected = random_text(rng, 1), random_text(rng, 1)
+            prompt_ids, chosen_ids, rejected_ids = encode_preference(prompt, chosen, rejected, template)
+            assert prompt_ids == encode_prompt(prompt, template)
+            assert chosen_ids[-1] == EOS and rejected_ids[-1] == EOS

@@ -7,7 +7,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from mistral_tune.templates import TEMPLATES, encode_chat, encode_prompt, mistral_tokenizer
+from mistral_tune.templates import ALL_TEMPLATES, TEMPLATES, TEXT_TEMPLATES, encode_chat, encode_prompt, mistral_tokenizer
 from mistral_tune.tokenizer import PAD_TOKEN, build_hf_tokenizer, load_tokenizer, save_tokenizer
 
 BOS, EOS = 1, 2
@@ -46,7 +46,7 @@ def sp_encode(template: str, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf():
-    return {template: build_hf_tokenizer(template) for template in TEMPLATES}
+    return {template: build_hf_tokenizer(template) for template in ALL_TEMPLATES}
 
 
 # --- plain text -------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def hf_chat(tok, messages, **kwargs):
     return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
 def test_chat_template_matches_encode_chat(hf, template):
     tok, rng = hf[template], random.Random(4)
     fixed = [
@@ -143,7 +143,7 @@ def test_chat_template_prompt_matches_encode_prompt(hf, template):
         assert hf_chat(tok, messages)["input_ids"] == expected, messages
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
 def test_rendered_text_round_trip_without_special_tokens(hf, template):
     tok = hf[template]
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -173,7 +173,7 @@ def test_documented_difference_control_strings_in_content(hf, template):
         hf_chat(tok, messages, sanitize_control_tokens=True, return_assistant_tokens_mask=True)
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
 def test_chat_template_rejects_misplaced_system_message(hf, template):
     tok = hf[template]
     messages = [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]
@@ -184,7 +184,7 @@ def test_chat_template_rejects_misplaced_system_message(hf, template):
 # --- save / reload ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
 def test_save_and_reload(hf, template, tmp_path):
     tok = hf[template]
     save_tokenizer(tok, tmp_path / "tok")
@@ -204,4 +204,32 @@ def test_save_and_reload(hf, template, tmp_path):
         assert out["input_ids"] == expected.input_ids
         assert out["assistant_masks"] == expected.assistant_masks
         assert reloaded("a </s>b").input_ids == tok("a </s>b").input_ids
-        assert reloaded("hi").input_ids == [BOS, *sp_encode(template, "hi")]
+        assert reloaded("hi").input_ids == [BOS, *sp_encode(template if template in TEMPLATES else "mistral_v1", "hi")]
+
+
+# --- chatml and zephyr ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", TEMPLATES)
+@pytest.mark.parametrize("template", TEXT_TEMPLATES)
+def test_text_templates_on_every_vocabulary(template, vocab):
+    tok, rng = build_hf_tokenizer(template, vocab), random.Random(6)
+    assert len(tok) == mistral_tokenizer(vocab).instruct_tokenizer.tokenizer.n_words
+    for messages in [ordinary_conversation(rng) for _ in range(150)]:
+        expected = encode_chat(messages, template, vocab=vocab)
+        out = hf_chat(tok, messages, return_assistant_tokens_mask=True)
+        assert out["input_ids"] == expected.input_ids, messages
+        assert out["assistant_masks"] == expected.assistant_masks, messages
+    for messages in [ordinary_conversation(rng, end="user") for _ in range(100)]:
+        expected = encode_prompt(messages, template, vocab=vocab)
+        assert hf_chat(tok, messages, add_generation_prompt=True)["input_ids"] == expected, messages
+        # without the generation prompt: the conversation as it stands, no assistant header
+        assert expected[: len(hf_chat(tok, messages)["input_ids"])] == hf_chat(tok, messages)["input_ids"]
+
+
+@pytest.mark.parametrize("template", TEXT_TEMPLATES)
+def test_text_templates_documented_difference_control_strings_in_content(hf, template):
+    messages = [{"role": "user", "content": "S </s> x"}, {"role": "assistant", "content": "ok"}]
+    reference = encode_chat(messages, template).input_ids
+    rendered = hf_chat(hf[template], messages)["input_ids"]
+    assert rendered != reference and rendered.count(EOS) == reference.count(EOS) + 1

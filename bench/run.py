@@ -1,0 +1,353 @@
+"""mistral_tune against plain TRL: same model, same data, same seed, each configuration in its own process.
+
+    python bench/run.py --hidden-size 256 --layers 4 --sft-data data/sft.jsonl --dpo-data data/dpo.jsonl --steps 30
+
+1. The data stage (`mistral_tune.data`) builds the pre-tokenized SFT and DPO datasets from the files, and a
+   Mistral-architecture model (vocab 32000, Mistral v1 tokenizer) is initialised from --seed. Both are
+   cached in --workdir, keyed on the model arguments (the data build is content-keyed by the stage).
+2. Every configuration trains in a fresh subprocess (`--worker NAME`), so its peak RSS is its own.
+   Both sides get the same hyperparameters: the default pipeline's `sft.trainer`/`dpo.trainer`
+   (built by `mistral_tune.training.trl_args`), with only batch size and step count set here.
+   mistral_tune's rows use the trainers the stages use (`LeanSFTTrainer`, `dpo._trainer_class()`);
+   TRL's rows use `trl.SFTTrainer`/`trl.DPOTrainer` unchanged.
+   - SFT: both sides get the pre-tokenized `input_ids`/`assistant_masks` dataset (the same ids).
+   - DPO: mistral_tune gets its pre-tokenized `prompt_ids`/`chosen_ids`/`rejected_ids`; TRL gets the
+     conversational prompt/chosen/rejected rows and our HF tokenizer, whose chat template renders the
+     same ids (checked: the worker counts rows whose ids differ, printed as `id mismatches`).
+3. The first --warmup steps are not timed. The machine's GEMM peak (fp32 `torch.mm` on CPU, bf16 on
+   CUDA, 2048^2, best of 10) is measured in this run; MFU = model FLOPs/s over that peak, with FLOPs
+   per token from `trl.trainer.utils.compute_flops_per_token` (3 x forward, LM head on every token) for
+   the policy and 1 x forward for the reference (none when it is precomputed).
+
+Writes bench/results/latest.md and latest.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (stage, side, peft, extra overrides). The TRL row of each mode is its baseline.
+CONFIGS = {
+    "sft/trl": ("sft", "trl", "none", ["sft.trainer.padding_free=false"]),
+    "sft/trl padding_free": ("sft", "trl", "none", ["sft.trainer.padding_free=true"]),
+    "sft/mistral_tune": ("sft", "mistral_tune", "none", []),
+    "dpo-full/trl": ("dpo", "trl", "none", []),
+    "dpo-full/mistral_tune": ("dpo", "mistral_tune", "none", []),
+    "dpo-lora/trl": ("dpo", "trl", "lora", []),
+    "dpo-lora/mistral_tune": ("dpo", "mistral_tune", "lora", []),
+    # not in the default run (--configs all): reference log-probs computed before training
+    "dpo-full/mistral_tune precompute": ("dpo", "mistral_tune", "none", ["+dpo.trainer.precompute_ref_log_probs=true"]),
+    "dpo-lora/mistral_tune precompute": ("dpo", "mistral_tune", "lora", ["+dpo.trainer.precompute_ref_log_probs=true"]),
+}
+DEFAULT_CONFIGS = [name for name in CONFIGS if "precompute" not in name]
+BASELINE = {"sft": "sft/trl padding_free", "dpo-full": "dpo-full/trl", "dpo-lora": "dpo-lora/trl"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sft-data", default=str(REPO / "data" / "sft.jsonl"))
+    p.add_argument("--dpo-data", default=str(REPO / "data" / "dpo.jsonl"))
+    p.add_argument("--max-length", type=int, default=None, help="sft/dpo.data.max_length (default: the config's)")
+    p.add_argument("--steps", type=int, default=30, help="SFT steps per configuration")
+    p.add_argument("--dpo-steps", type=int, default=10, help="DPO steps per configuration")
+    p.add_argument("--batch-size", type=int, default=16, help="SFT rows per step")
+    p.add_argument("--dpo-batch-size", type=int, default=8, help="DPO pairs per step")
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated subset, or 'all'; known: {', '.join(CONFIGS)}")
+    p.add_argument("--workdir", default=str(REPO / "bench" / "work"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "latest"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration
+    args = p.parse_args(argv)
+    if args.warmup >= min(args.steps, args.dpo_steps):
+        p.error("--warmup must be smaller than --steps and --dpo-steps")
+    args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    return args
+
+
+def model_dir(args) -> Path:
+    return Path(args.workdir) / f"h{args.hidden_size}-l{args.layers}-seed{args.seed}"
+
+
+def overrides(args, extra: list[str] = ()) -> list[str]:
+    """The pipeline's own config (tiny model shape scaled to --hidden-size), bench sizes on top."""
+    h = args.hidden_size
+    heads = max(1, h // 32)  # head_dim 32 and GQA 2:1, as in configs/model/tiny.yaml
+    out = [
+        f"run_dir={model_dir(args)}", "logger=none", "force=true", f"seed={args.seed}",
+        f"sft.data.files=[{Path(args.sft_data).resolve()}]", f"dpo.data.files=[{Path(args.dpo_data).resolve()}]",
+        f"model.init_seed={args.seed}", f"model.config.hidden_size={h}", f"model.config.num_hidden_layers={args.layers}",
+        f"model.config.intermediate_size={3 * h}", f"model.config.num_attention_heads={heads}",
+        f"model.config.num_key_value_heads={max(1, heads // 2)}", "model.config.head_dim=32",
+    ]
+    if args.max_length:
+        out += [f"sft.data.max_length={args.max_length}", f"dpo.data.max_length={args.max_length}"]
+    for stage, steps, batch in (("sft", args.steps, args.batch_size), ("dpo", args.dpo_steps, args.dpo_batch_size)):
+        t = f"{stage}.trainer"
+        out += [f"{t}.max_steps={steps}", f"{t}.per_device_train_batch_size={batch}",
+                f"{t}.gradient_accumulation_steps=1", f"{t}.save_strategy=no", f"{t}.logging_steps={steps}",
+                f"+{t}.disable_tqdm=true"]
+    return out + list(extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parent: prepare, launch workers, report
+
+
+def prepare(args) -> None:
+    """Data stage and random base model, in this process (workers only load them)."""
+    from mistral_tune import data
+    from mistral_tune.config import compose
+    from mistral_tune.modeling import ensure_base
+    from mistral_tune.tokenizer import load_tokenizer
+
+    cfg = compose(overrides(args))
+    data.run(cfg)
+    ensure_base(cfg, load_tokenizer(Path(cfg.run_dir) / "tokenizer"))
+
+
+def gemm_peak() -> dict:
+    """Best of 10 square matmuls (fp32 on CPU, bf16 on CUDA): the machine's practical FLOP/s ceiling."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dtype, device, n = (torch.bfloat16, "cuda", 8192) if cuda else (torch.float32, "cpu", 2048)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for i in range(12):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return {"flops": 2 * n**3 / best, "what": f"{str(dtype).split('.')[-1]} torch.mm {n}x{n} on {device}, best of 10",
+            "threads": torch.get_num_threads()}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_worker(args, name: str, argv: list[str]) -> dict:
+    result_file = Path(args.workdir) / "results" / (name.replace("/", "_").replace(" ", "_") + ".json")
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "BENCH_RESULT": str(result_file)}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not result_file.exists():
+        tail = "\n".join(proc.stdout.splitlines()[-25:])
+        raise SystemExit(f"bench: configuration {name!r} failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = round(time.perf_counter() - t, 1)
+    return result
+
+
+def add_derived(results: dict, peak: dict) -> None:
+    for name, r in results.items():
+        r["mfu"] = r["model_flops_per_s"] / peak["flops"]
+        base = results.get(BASELINE[name.split("/")[0]])
+        rate = "pairs_per_s" if r["stage"] == "dpo" else "tokens_per_s"
+        if base:
+            r["speedup"] = r[rate] / base[rate]
+            r["rss_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+
+
+def table(results: dict) -> str:
+    head = ("| configuration | non-pad tokens/s | pairs/s | step time (s) | peak RSS (MB) | MFU | "
+            "speedup vs TRL | RSS vs TRL | setup (s) |")
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for name, r in results.items():
+        pairs = f"{r['pairs_per_s']:.2f}" if r["stage"] == "dpo" else ""
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        rss = f"{r['rss_ratio']:.2f}x" if "rss_ratio" in r else ""
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {pairs} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {speed} | {rss} | {r['setup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.worker:
+        return worker(args, args.worker)
+    t0 = time.perf_counter()
+    prepare(args)
+    peak = gemm_peak()
+    info = machine()
+    print(f"bench: {info['cpu']}, {info['cores']} cores ({info.get('gpu', 'no GPU')}); load average "
+          f"{info['load_average'][0]:.1f}; GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']})", flush=True)
+    results = {}
+    for name in args.configs:
+        results[name] = run_worker(args, name, raw)
+        r = results[name]
+        print(f"bench: {name}: {r['tokens_per_s']:.0f} non-pad tokens/s"
+              + (f", {r['pairs_per_s']:.2f} pairs/s" if r["stage"] == "dpo" else "")
+              + f", {r['step_s']:.3f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB ({r['wall_s']:.0f} s)", flush=True)
+    peak_after = gemm_peak()  # the machine may be shared: keep the better of two measurements
+    if peak_after["flops"] > peak["flops"]:
+        peak = peak_after
+    add_derived(results, peak)
+    text = table(results)
+    dpo_checks = {n: r["id_mismatches"] for n, r in results.items() if "id_mismatches" in r}
+    notes = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info.get('gpu', 'no GPU')}; torch {info['torch']}, "
+        f"transformers {info['transformers']}, trl {info['trl']}; {info['date']}; load average at start "
+        f"{info['load_average'][0]:.1f}.",
+        f"GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']}, {peak['threads']} threads).",
+        f"Model: Mistral architecture, hidden {args.hidden_size}, {args.layers} layers, vocab 32000, seed "
+        f"{args.seed}; SFT {args.steps} steps x {args.batch_size} rows, DPO {args.dpo_steps} steps x "
+        f"{args.dpo_batch_size} pairs; first {args.warmup} steps not timed.",
+    ]
+    if dpo_checks:
+        notes.append("DPO rows whose TRL-tokenized ids differ from mistral_tune's: "
+                     + ", ".join(f"{n} {v}" for n, v in dpo_checks.items()) + ".")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run.py " + " ".join(raw)
+    out.with_suffix(".md").write_text(f"```\n{command}\n```\n\n{text}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "machine": info, "gemm_peak": peak, "args": {k: v for k, v in vars(args).items()},
+         "results": results}, indent=2) + "\n")
+    print("\n" + text + "\n\n" + "\n".join(notes))
+    print(f"bench: wrote {out.with_suffix('.md')} and .json in {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker: one configuration, one process
+
+
+def trl_dpo_rows(path: str):
+    """The preference rows as TRL's conversational prompt/chosen/rejected, validated by our own reader."""
+    from datasets import Dataset
+
+    from mistral_tune import sources
+
+    rows = sources.load_source(sources.Source(path=path), "dpo").rows
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+
+def worker(args, name: str) -> dict:
+    t_start = time.perf_counter()
+    import torch
+    from datasets import load_from_disk
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl.trainer.utils import compute_flops_per_token
+
+    from mistral_tune import dpo
+    from mistral_tune.config import compose
+    from mistral_tune.lean import lean_sft_trainer
+    from mistral_tune.modeling import load_model, lora_config
+    from mistral_tune.tokenizer import load_tokenizer
+    from mistral_tune.training import trl_args
+
+    stage, side, peft, extra = CONFIGS[name]
+    cfg = compose(overrides(args, [f"peft={peft}", *extra]))
+    run_dir = Path(cfg.run_dir)
+    out = Path(args.workdir) / "scratch" / name.replace("/", "_").replace(" ", "_")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = load_model(str(run_dir / "base"), cfg)
+    ours = load_from_disk(str(run_dir / "data" / stage))
+    clock = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            clock.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    t_import = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    peft_config = lora_config(cfg) if peft != "none" else None
+    if stage == "sft":
+        cls = lean_sft_trainer() if side == "mistral_tune" else SFTTrainer
+        trainer = cls(model=model, args=trl_args(cfg, "sft", SFTConfig, out, []), train_dataset=ours,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+    else:
+        dargs = trl_args(cfg, "dpo", DPOConfig, out, [])
+        if side == "mistral_tune":
+            # as dpo.py: full training keeps a frozen copy of the starting policy as the reference
+            ref = load_model(str(run_dir / "base"), cfg) if peft == "none" else None
+            trainer = dpo._trainer_class()(model=model, ref_model=ref, args=dargs, train_dataset=ours,
+                                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+        else:  # TRL's default: it loads the reference itself (full) or disables the adapter (LoRA)
+            trainer = DPOTrainer(model=model, args=dargs, train_dataset=trl_dpo_rows(args.dpo_data),
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+    setup = time.perf_counter() - t0
+    trainer.train()
+    warm = args.warmup
+    (t_a, tok_a), (t_b, tok_b) = clock[warm - 1], clock[-1]
+    steps = len(clock) - warm
+    elapsed = t_b - t_a
+    tokens = int(tok_b - tok_a)
+    # FLOPs: policy 3 x forward per token, reference 1 x forward unless precomputed (same for both sides)
+    lengths = [len(r) for r in ours["input_ids"]] if stage == "sft" else \
+        [len(p) + (len(c) + len(r)) / 2 for p, c, r in zip(ours["prompt_ids"], ours["chosen_ids"], ours["rejected_ids"])]
+    flops_per_token = compute_flops_per_token(model.config, round(sum(lengths) / len(lengths)))
+    precompute = stage == "dpo" and trainer.args.precompute_ref_log_probs
+    if stage == "dpo" and not precompute:
+        flops_per_token *= 4 / 3
+    result = {
+        "stage": stage, "side": side, "peft": peft, "steps_timed": steps,
+        "step_s": elapsed / steps, "tokens_per_s": tokens / elapsed,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "model_flops_per_s": flops_per_token * tokens / elapsed, "flops_per_token": flops_per_token,
+        "setup_s": setup, "import_and_load_s": t_import, "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if stage == "dpo":
+        result["pairs_per_s"] = args.dpo_batch_size * steps / elapsed
+        result["precompute_ref_log_probs"] = bool(precompute)
+        if side == "trl":  # did TRL's chat-template tokenization give the ids our data stage gave?
+            theirs = trainer.train_dataset
+            result["id_mismatches"] = sum(
+                (a, b, c) != (x, y, z) for a, b, c, x, y, z in zip(
+                    theirs["prompt_ids"], theirs["chosen_ids"], theirs["rejected_ids"],
+                    ours["prompt_ids"], ours["chosen_ids"], ours["rejected_ids"])
+            ) + abs(len(theirs) - len(ours))
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(os.environ.get("BENCH_RESULT", out / "result.json")).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The merged model's card: run_dir/merged/README.md with Hugging Face model-card metadata.
+
+Everything in it is read from the run folder (data/report.json, each stage's config.yaml,
+metrics.json and manifest.json, eval/results.json), so the card describes what was trained, not
+what the current config says. `write_card(cfg)` works without evaluation results too (merge can
+call it); `mistral-tune eval` rewrites it with the evaluation table.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import DictConfig
+
+from mistral_tune import runs
+
+VERSIONS = ("mistral-tune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "mistral-common")
+HUB_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
+
+
+def _read(path: Path):
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not Path(name).exists() and name.count("/") == 1 and set(name) <= HUB_ID_CHARS
+
+
+def _stage_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for stage in ("sft", "dpo"):
+        config = _read(run_dir / stage / "config.yaml")
+        manifest = _read(run_dir / stage / "manifest.json")
+        if not (config and manifest):
+            continue
+        rows.append({"stage": stage, "config": config, "manifest": manifest,
+                     "metrics": _read(run_dir / stage / "metrics.json") or manifest.get("metrics", {})})
+    return rows
+
+
+def render(cfg: DictConfig, results: dict | None = None) -> str:
+    run_dir = Path(cfg.run_dir)
+    report = _read(run_dir / "data" / "report.json") or {}
+    stages = _stage_rows(run_dir)
+    name_or_path = cfg.model.name_or_path
+    template = report.get("template") or cfg.template.name
+    files = {kind: {Path(f).name: c for f, c in report.get(kind, {}).get("per_file", {}).items()} for kind in ("sft", "dpo")}
+
+    meta: dict = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                  "tags": ["mistral", "mistral_tune", "trl", *[s["stage"] for s in stages]]}
+    if _is_hub_id(name_or_path):
+        meta["base_model"] = name_or_path
+    dataset_names = sorted({n for per in files.values() for n in per})
+    if dataset_names:
+        meta["datasets"] = dataset_names  # local files (hub ids when the data came from the Hub)
+    if results:
+        last = list(results)[-1]
+        metrics = [{"type": k, "name": k, "value": round(results[last][k], 4)}
+                   for k in ("task_score", "eval_loss", "perplexity", "preference_accuracy", "reward_margin")
+                   if results[last].get(k) is not None]
+        meta["model-index"] = [{"name": run_dir.resolve().name, "results": [{
+            "task": {"type": "text-generation"},
+            "dataset": {"name": ", ".join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files]),
+                        "type": "held-out"},
+            "metrics": metrics}]}]
+
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {run_dir.resolve().name}", ""]
+    base = (f"[{name_or_path}](https://huggingface.co/{name_or_path})" if _is_hub_id(name_or_path)
+            else f"`{name_or_path}`" if name_or_path
+            else f"a randomly initialised Mistral-architecture model (seed {cfg.model.init_seed}, "
+                 f"{_shape(run_dir / 'base')})")
+    lines += [f"Trained with mistral_tune ({' -> '.join(['data', *[s['stage'] for s in stages], 'merge'])}) "
+              f"from {base}.", ""]
+
+    lines += ["## Data", "", "| stage | file | rows read | kept | rejected |", "|---|---|---:|---:|---:|"]
+    for kind, per in files.items():
+        for name, c in per.items():
+            lines.append(f"| {kind} | {name} | {c['read']} | {c['kept']} | {c['rejected']} |")
+    for kind in ("sft", "dpo"):
+        if kind in report:
+            r = report[kind]
+            lines.append(f"\n{kind}: {r['kept']} rows used ({r['too_long']} dropped as too long), {r['tokens']} tokens"
+                         + (f", {r['trained_tokens']} trained" if "trained_tokens" in r else ""))
+    lines += ["", "## Chat template", "",
+              f"Mistral's `{template}` instruct format ({_template_note(template)}), token-exact to "
+              "`mistral-common`; the tokenizer in this folder carries it as `chat_template`. "
+              f"Loss on: `{cfg.template.train_on}` tokens. Padding uses `<unk>` (never EOS).", ""]
+
+    lines += ["## Training", ""]
+    for s in stages:
+        c, m = s["config"], s["metrics"]
+        trainer = c.get(s["stage"], {}).get("trainer", {})
+        method = s["manifest"].get("method", "?")
+        lines.append(f"### {s['stage']} ({'full fine-tuning' if method == 'none' else method})")
+        lines.append("")
+        keys = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+                "beta", "loss_type", "padding_free", "packing")
+        params = {k: trainer[k] for k in keys if k in trainer}
+        params["max_length"] = c.get(s["stage"], {}).get("data", {}).get("max_length")
+        if method != "none":
+            params.update({f"lora_{k}" if k == "r" else k: c["peft"][k]
+                           for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in c.get("peft", {})})
+        params.update(dtype=c.get("model", {}).get("dtype"), seed=c.get("seed"),
+                      processes=c.get("launcher", {}).get("num_processes"))
+        lines += ["| hyperparameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in params.items()]
+        lines += ["", f"{m.get('global_step')} steps, train loss {_num(m.get('train_loss'))}, "
+                      f"{_num(m.get('train_runtime'))} s, {m.get('tokens')} tokens "
+                      f"({_num(m.get('tokens_per_second'))} tokens/s), peak RSS {_num(m.get('peak_rss_mb'))} MB"
+                      + (f", peak CUDA {m['peak_cuda_mb']} MB" if "peak_cuda_mb" in m else ""), ""]
+    total = sum((s["metrics"].get("train_runtime") or 0) for s in stages)
+    lines += [f"Hardware: {_hardware()} (where this card was written); total training time {total:.0f} s.", ""]
+
+    lines += ["## Evaluation", ""]
+    if results:
+        from mistral_tune.evaluate import table
+
+        lines += [f"Held-out data: {', '.join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files])} "
+                  f"(at most {cfg.eval.max_samples} rows each). `task_score`: greedy answers exactly right; "
+                  "`preference_accuracy`: the model gives the chosen reply a higher log-probability than the "
+                  "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
+                  "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
+                  "for SFT).", "", "```", table(results), "```", ""]
+        last = list(results)[-1]
+        samples = results[last].get("samples", [])
+        if samples:
+            lines += [f"Sample generations ({last}):", "", "| prompt | generation | right |", "|---|---|---|"]
+            lines += [f"| {_cell(x['prompt'])} | {_cell(x['generation'])} | {'yes' if x['correct'] else 'no'} |"
+                      for x in samples]
+            lines.append("")
+    else:
+        lines += ["Not evaluated yet: `mistral-tune eval run_dir=...` adds the table here.", ""]
+
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'path = "."  # this folder, or its Hub repo id',
+              "tok = AutoTokenizer.from_pretrained(path)",
+              "model = AutoModelForCausalLM.from_pretrained(path)",
+              'messages = [{"role": "user", "content": "Sort these digits: 5, 1, 3"}]',
+              "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+              "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+              "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
+              "## Framework versions", ""]
+    lines += [f"- {k} {v}" for k, v in _versions().items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(cfg: DictConfig, results: dict | None = None) -> Path | None:
+    """Write run_dir/merged/README.md (rank 0); None when there is no merged model."""
+    merged = runs.stage_dir(cfg, "merge")
+    if not (merged / "config.json").exists() or not runs.is_main_process():
+        return None
+    path = merged / "README.md"
+    runs.atomic_write_text(path, render(cfg, results))
+    return path
+
+
+def _shape(base: Path) -> str:
+    config = _read(base / "config.json") or {}
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    return ", ".join(f"{k} {config[k]}" for k in keys if k in config) or "shape unknown"
+
+
+def _template_note(template: str) -> str:
+    return {"mistral_v1": "Mistral-7B-Instruct v0.1/v0.2: `<s>[INST] user [/INST] reply</s>`",
+            "mistral_v3": "Mistral-7B-Instruct v0.3: `[INST]`/`[/INST]` control tokens",
+            "mistral_v7": "system prompt in `[SYSTEM_PROMPT]` blocks"}.get(template, template)
+
+
+def _num(x) -> str:
+    return "?" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

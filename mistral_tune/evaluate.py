@@ -1,0 +1,304 @@
+"""The `eval` stage: base, SFT and DPO models side by side on held-out data.
+
+For each model present in run_dir (rebuilt from its manifest, adapters merged):
+
+- `eval_loss`, `perplexity`: mean NLL of the trained tokens (template.train_on, as in training) of
+  the held-out chats (`eval.files`), token-weighted, and its exp.
+- `task_score`: greedy generation on each held-out chat's last user turn (the earlier turns given
+  with their reference replies), scored by `tasks.check` when the question is one of the bundled
+  tasks, else by exact match with the reference reply (whitespace stripped). Fraction right.
+- `preference_accuracy`, `logp_margin`: on held-out pairs (`eval.pref_files`), the fraction where
+  the model's log-probability of the chosen completion (summed over its tokens) beats the
+  rejected one's, and the mean difference. The same definition for every model, so the column
+  compares base, SFT and DPO.
+- `reward_accuracy`, `reward_margin`: DPO's implicit reward r = beta * (logp_model - logp_ref)
+  with ref = the model the stage started from: SFT for DPO (the reference DPO trained against, so
+  these are the held-out counterparts of TRL's rewards/accuracies and rewards/margins), base for
+  SFT, none for base (null). beta is dpo.trainer.beta.
+
+Writes run_dir/eval/results.json ({"base": {...}, "sft": {...}, "dpo": {...}}), prints a table,
+logs W&B tables, writes the merged model's card (mistral_tune.card), and the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mistral_tune import runs, sources, tasks, templates, tracking
+from mistral_tune.errors import UserError
+from mistral_tune.modeling import load_policy, resolve_template
+
+log = logging.getLogger("mistral_tune")
+
+REFERENCE = {"sft": "base", "dpo": "sft"}  # DPO's reference is the SFT model it started from
+
+
+def model_refs(cfg: DictConfig) -> dict[str, dict]:
+    """{name: {"base": path, "adapters": [...]}} of the models to evaluate, in pipeline order."""
+    refs = {}
+    base = Path(cfg.run_dir) / "base"
+    if (base / "config.json").exists():
+        refs["base"] = {"base": str(base), "adapters": []}
+    elif cfg.model.name_or_path:
+        refs["base"] = {"base": str(cfg.model.name_or_path), "adapters": []}
+    for stage in ("sft", "dpo"):
+        manifest = runs.read_manifest(cfg, stage)
+        if manifest:
+            refs[stage] = manifest["model"]
+    unknown = set(cfg.eval.models) - {"base", "sft", "dpo"}
+    if unknown:
+        raise UserError(f"eval.models: unknown model(s) {sorted(unknown)}; choose from base, sft, dpo")
+    refs = {k: v for k, v in refs.items() if k in cfg.eval.models}
+    if not refs:
+        raise UserError(
+            f"eval: nothing to evaluate in {cfg.run_dir} (no base model, no finished sft or dpo stage)",
+            hint=f"run `mistral-tune pipeline run_dir={cfg.run_dir}` first",
+        )
+    return refs
+
+
+def load_eval_data(cfg: DictConfig, template: str) -> dict:
+    """Held-out chats (loss sequences and generation prompts) and preference pairs, encoded."""
+    max_len, n = cfg.sft.data.max_length, cfg.eval.max_samples
+    chats = sources.load_rows(list(cfg.eval.files), "sft", on_error=cfg.data.on_error).rows if cfg.eval.files else []
+    pairs = sources.load_rows(list(cfg.eval.pref_files), "dpo", on_error=cfg.data.on_error).rows if cfg.eval.pref_files else []
+    loss_seqs, prompts = [], []
+    for row in chats[:n]:
+        enc = templates.encode_chat(row["messages"], template, train_on=cfg.template.train_on)
+        if len(enc.input_ids) > max_len:
+            continue  # as in training: never truncated
+        loss_seqs.append((enc.input_ids, enc.assistant_masks))
+        prompt = row["messages"][:-1]  # up to the last user turn, earlier replies the reference ones
+        prompts.append({"ids": templates.encode_prompt(prompt, template), "user": prompt[-1]["content"],
+                        "reference": row["messages"][-1]["content"]})
+    pref_seqs = []
+    for row in pairs[:n]:
+        p, c, r = templates.encode_preference(row["prompt"], row["chosen"], row["rejected"], template)
+        if len(p) + max(len(c), len(r)) > cfg.dpo.data.max_length:
+            continue
+        pref_seqs += [(p + c, [0] * len(p) + [1] * len(c)), (p + r, [0] * len(p) + [1] * len(r))]
+    return {"loss": loss_seqs, "prompts": prompts, "pairs": pref_seqs}
+
+
+@torch.no_grad()
+def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+    """(sum of log p(token) over the masked tokens, their count) of each sequence. Right padding:
+    a token's prediction comes from the position before it, so the mask shifts by one."""
+    out = []
+    device = model.device
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for i, (seq, m) in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            attn[i, :len(seq)] = 1
+            mask[i, :len(seq)] = torch.tensor(m, dtype=torch.bool)
+        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+        # Logits only where a token is scored: the full (batch, length, vocab) tensor is most of
+        # the time and memory of this pass (the same saving as the lean SFT loss).
+        trained = mask[:, 1:].to(device)
+        logits = model.get_output_embeddings()(hidden[:, :-1][trained]).float()
+        targets = ids[:, 1:].to(device)[trained]
+        logp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        row = torch.arange(len(chunk), device=device)[:, None].expand_as(trained)[trained]
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, row, logp)
+        for s, c in zip(sums.tolist(), trained.sum(-1).tolist()):
+            out.append((s, int(c)))
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy completions, cut before EOS. Prompts are batched by length and left-padded."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                           eos_token_id=eos_id, bos_token_id=None)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attn[row, width - len(prompts[i]):] = 1
+        new = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                             generation_config=gen)[:, width:].tolist()
+        for row, i in enumerate(idx):
+            tokens = new[row]
+            out[i] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    return out
+
+
+def score(user: str, reference: str, answer: str) -> tuple[str, bool]:
+    """(task, right?): the bundled task's checker where the question is one, else exact match."""
+    try:
+        return tasks.task_of(user), tasks.check(user, answer)
+    except ValueError:
+        return "other", answer.strip() == reference.strip()
+
+
+def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict, list[tuple[float, int]]]:
+    """Metrics of one model, and its per-sequence log-probs of the preference completions."""
+    model.eval()
+    pad, eos, bs = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.eval.batch_size
+    result: dict = {}
+    if data["loss"]:
+        stats = sequence_logps(model, data["loss"], bs, pad)
+        nll, count = -sum(s for s, _ in stats), sum(c for _, c in stats)
+        result["eval_loss"] = nll / count
+        result["perplexity"] = math.exp(min(result["eval_loss"], 700))
+        result["eval_tokens"] = count
+    pair_logps = sequence_logps(model, data["pairs"], bs, pad) if data["pairs"] else []
+    if pair_logps:
+        diffs = [pair_logps[i][0] - pair_logps[i + 1][0] for i in range(0, len(pair_logps), 2)]
+        result["preference_accuracy"] = sum(d > 0 for d in diffs) / len(diffs)
+        result["logp_margin"] = sum(diffs) / len(diffs)
+    if data["prompts"]:
+        completions = generate(model, [p["ids"] for p in data["prompts"]], pad, eos, cfg.eval.max_new_tokens, bs)
+        per_task: dict[str, list[int]] = {}
+        samples = []
+        for prompt, ids in zip(data["prompts"], completions):
+            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            task, right = score(prompt["user"], prompt["reference"], answer)
+            per_task.setdefault(task, []).append(int(right))
+            if len(samples) < cfg.eval.show:
+                samples.append({"prompt": prompt["user"], "reference": prompt["reference"],
+                                "generation": answer, "correct": right})
+        result["task_score"] = sum(map(sum, per_task.values())) / len(data["prompts"])
+        result["task_scores"] = {t: sum(v) / len(v) for t, v in sorted(per_task.items())}
+        result["samples"] = samples
+    return result, pair_logps
+
+
+def add_rewards(results: dict, logps: dict, beta: float) -> None:
+    """DPO's implicit reward beta * (logp_model - logp_ref), chosen minus rejected, per pair."""
+    for name, ref in REFERENCE.items():
+        if name not in results:
+            continue
+        results[name]["reference"] = ref if ref in logps and logps[name] else None
+        if results[name]["reference"] is None:
+            results[name]["reward_accuracy"] = results[name]["reward_margin"] = None
+            continue
+        pol, rl = logps[name], logps[ref]
+        margins = [beta * ((pol[i][0] - rl[i][0]) - (pol[i + 1][0] - rl[i + 1][0])) for i in range(0, len(pol), 2)]
+        results[name]["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        results[name]["reward_margin"] = sum(margins) / len(margins)
+    if "base" in results:
+        results["base"].update(reference=None, reward_accuracy=None, reward_margin=None)
+
+
+COLUMNS = ("task_score", "eval_loss", "perplexity", "preference_accuracy", "reward_accuracy", "reward_margin")
+
+
+def table(results: dict) -> str:
+    """The side-by-side table (also in the model card)."""
+    head = ["model", *COLUMNS]
+    rows = [head]
+    for name, r in results.items():
+        rows.append([name, *(_fmt(r.get(c)) for c in COLUMNS)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def _beta(cfg: DictConfig) -> float:
+    if OmegaConf.is_missing(cfg.dpo.trainer, "beta"):
+        from trl import DPOConfig
+
+        return DPOConfig.__dataclass_fields__["beta"].default
+    return float(cfg.dpo.trainer.beta)
+
+
+def _inputs(cfg: DictConfig, refs: dict) -> dict:
+    files = {}
+    for path in sources.expand_files([*cfg.eval.files, *cfg.eval.pref_files]):
+        files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    stages = {s: (runs.read_manifest(cfg, s) or {}).get("fingerprint") for s in ("sft", "dpo", "merge")}
+    return {"models": refs, "stages": stages, "files": files}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(cfg: DictConfig) -> Path:
+    out = runs.stage_dir(cfg, "eval")
+    if not runs.is_main_process():
+        return out  # evaluation runs in one process
+    refs = model_refs(cfg)
+    inputs = _inputs(cfg, refs)
+    if runs.check_done(cfg, "eval", inputs):
+        return out
+    runs.write_stage_config(cfg, "eval")
+    template = resolve_template(cfg)
+    tokenizer = _tokenizer(cfg, template)
+    data = load_eval_data(cfg, template)
+    if not (data["loss"] or data["pairs"]):
+        raise UserError("eval: no held-out data; set eval.files=[...] and/or eval.pref_files=[...]")
+
+    start = time.perf_counter()
+    results, logps = {}, {}
+    with tracking.tracked(cfg, "eval") as report_to:
+        for name, ref in refs.items():
+            model = load_policy(cfg, ref).to(_device())
+            results[name], logps[name] = evaluate_model(model, data, tokenizer, cfg)
+            results[name]["model"] = ref
+            del model
+        add_rewards(results, logps, _beta(cfg))
+        runtime = time.perf_counter() - start
+        if report_to:
+            _log_wandb(results)
+    runs.write_json(out / "results.json", results)
+    counts = {"chats": len(data["loss"]), "prompts": len(data["prompts"]), "pairs": len(data["pairs"]) // 2}
+    print(f"eval: {counts['prompts']} held-out prompts, {counts['pairs']} held-out pairs "
+          f"({runtime:.1f}s; {out / 'results.json'})")
+    print(table(results))
+    from mistral_tune import card
+
+    card_path = card.write_card(cfg, results)
+    if card_path:
+        log.info("eval: model card in %s", card_path)
+    runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts,
+                                    "runtime": round(runtime, 3), "beta": _beta(cfg)}, inputs)
+    return out
+
+
+def _tokenizer(cfg: DictConfig, template: str):
+    from mistral_tune.tokenizer import build_hf_tokenizer, load_tokenizer
+
+    saved = Path(cfg.run_dir) / "tokenizer"
+    return load_tokenizer(saved) if (saved / "tokenizer_config.json").exists() else build_hf_tokenizer(template)
+
+
+def _log_wandb(results: dict) -> None:
+    import wandb
+
+    columns = ["model", *COLUMNS]
+    metrics = wandb.Table(columns=columns, data=[[n, *(r.get(c) for c in COLUMNS)] for n, r in results.items()])
+    samples = wandb.Table(columns=["model", "prompt", "reference", "generation", "correct"],
+                          data=[[n, s["prompt"], s["reference"], s["generation"], s["correct"]]
+                                for n, r in results.items() for s in r.get("samples", [])])
+    flat = {f"eval/{n}/{c}": r[c] for n, r in results.items() for c in COLUMNS if r.get(c) is not None}
+    wandb.log({"eval/results": metrics, "eval/samples": samples, **flat})
+    wandb.run.summary.update(flat)

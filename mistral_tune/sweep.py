@@ -1,0 +1,87 @@
+"""Sweeps (`-m`): each job's objective, returned to Hydra's sweeper, and the summary of all jobs.
+
+The objective is a metric a stage already wrote: `<stage>/<metric>` from run_dir/<stage>/metrics.json
+(`sft/train_loss`) or `eval/<model>/<metric>` from run_dir/eval/results.json
+(`eval/dpo/task_score`). The summary table (overrides, objective, run_dir) is printed and saved
+as <sweep run_dir>/sweep.json and sweep.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mistral_tune import runs
+from mistral_tune.errors import UserError
+
+DEFAULT_OBJECTIVE = {"sft": "sft/train_loss", "dpo": "dpo/train_loss"}
+
+
+def objective_name(cfg: DictConfig, command: str) -> str | None:
+    if cfg.sweep.objective:
+        return cfg.sweep.objective
+    if command in DEFAULT_OBJECTIVE:
+        return DEFAULT_OBJECTIVE[command]
+    if command in ("pipeline", "eval"):
+        last = [m for m in cfg.eval.models if m != "dpo" or cfg.dpo.enabled][-1]
+        return f"eval/{last}/task_score"
+    return None
+
+
+def direction(cfg: DictConfig, name: str) -> str:
+    if cfg.sweep.direction != "auto":
+        if cfg.sweep.direction not in ("minimize", "maximize"):
+            raise UserError(f"sweep.direction={cfg.sweep.direction!r} is not one of auto, minimize, maximize")
+        return cfg.sweep.direction
+    return "minimize" if any(k in name for k in ("loss", "perplexity")) else "maximize"
+
+
+def read_objective(run_dir: str | Path, name: str) -> float:
+    """The metric `name` of the run in run_dir; a UserError naming what is missing."""
+    parts = name.split("/")
+    run_dir = Path(run_dir)
+    if parts[0] == "eval" and len(parts) == 3:
+        path, keys = run_dir / "eval" / "results.json", parts[1:]
+    elif len(parts) == 2:
+        path, keys = runs.STAGE_FOLDERS.get(parts[0], parts[0]), parts[1:]
+        path = run_dir / path / "metrics.json"
+    else:
+        raise UserError(f"sweep.objective={name!r}: expected <stage>/<metric> or eval/<model>/<metric>")
+    if not path.exists():
+        raise UserError(f"sweep.objective={name!r}: {path} does not exist (did the job run that stage?)")
+    node = json.loads(path.read_text())
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise UserError(f"sweep.objective={name!r}: no {key!r} in {path}")
+        node = node[key]
+    if not isinstance(node, (int, float)):
+        raise UserError(f"sweep.objective={name!r}: {node!r} in {path} is not a number")
+    return float(node)
+
+
+def summary_table(jobs: list[dict], name: str, how: str) -> str:
+    """Jobs sorted best first (failed jobs last)."""
+    def key(job):
+        value = job.get("objective")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return (1, 0.0)
+        return (0, value if how == "minimize" else -value)
+
+    rows = [["job", name + (" (min)" if how == "minimize" else " (max)"), "overrides", "run_dir"]]
+    for job in sorted(jobs, key=key):
+        value = job.get("objective")
+        shown = "failed" if job.get("error") else ("-" if value is None else f"{value:.4f}")
+        rows.append([str(job["job"]), shown, " ".join(job["overrides"]), job["run_dir"]])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def write_summary(sweep_dir: str | Path, jobs: list[dict], name: str, how: str) -> str:
+    sweep_dir = Path(sweep_dir)
+    text = summary_table(jobs, name, how)
+    runs.write_json(sweep_dir / "sweep.json", {"objective": name, "direction": how, "jobs": jobs})
+    runs.atomic_write_text(sweep_dir / "sweep.md", f"```\n{text}\n```\n")
+    return text

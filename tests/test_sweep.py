@@ -1,0 +1,71 @@
+"""Sweeps: the objective each job returns, and the summary of all jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mistral_tune import sweep
+from mistral_tune.config import compose
+from mistral_tune.errors import UserError
+
+
+def test_read_objective_from_stage_metrics_and_eval_results(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.json").write_text(json.dumps({"train_loss": 1.25}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"dpo": {"task_score": 0.5}}))
+    assert sweep.read_objective(tmp_path, "sft/train_loss") == 1.25
+    assert sweep.read_objective(tmp_path, "eval/dpo/task_score") == 0.5
+    with pytest.raises(UserError, match="no 'tokens'"):
+        sweep.read_objective(tmp_path, "sft/tokens")
+    with pytest.raises(UserError, match="does not exist"):
+        sweep.read_objective(tmp_path, "dpo/train_loss")
+
+
+def test_default_objective_and_direction(tmp_path):
+    cfg = compose([f"run_dir={tmp_path}"])
+    assert sweep.objective_name(cfg, "sft") == "sft/train_loss" and sweep.direction(cfg, "sft/train_loss") == "minimize"
+    assert sweep.objective_name(cfg, "pipeline") == "eval/dpo/task_score"
+    assert sweep.direction(cfg, "eval/dpo/task_score") == "maximize"
+    cfg = compose([f"run_dir={tmp_path}", "sweep.objective=eval/sft/eval_loss"])
+    assert sweep.objective_name(cfg, "pipeline") == "eval/sft/eval_loss"
+
+
+def test_summary_sorts_best_first_and_is_saved(tmp_path):
+    jobs = [{"job": 0, "overrides": ["a=1"], "run_dir": "r/0", "objective": 0.2},
+            {"job": 1, "overrides": ["a=2"], "run_dir": "r/1", "objective": 0.9},
+            {"job": 2, "overrides": ["a=3"], "run_dir": "r/2", "objective": None, "error": "boom"}]
+    text = sweep.write_summary(tmp_path, jobs, "eval/dpo/task_score", "maximize")
+    order = [line.split()[0] for line in text.splitlines()[1:]]
+    assert order == ["1", "0", "2"] and "failed" in text.splitlines()[-1]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["jobs"] == jobs and (tmp_path / "sweep.md").read_text().count("r/") == 3
+
+
+@pytest.mark.slow
+def test_sweep_returns_objectives_and_writes_summary(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "mistral_tune", "sft", "-m", f"run_dir={tmp_path}", "logger=none",
+                           "sft.trainer.max_steps=2", "sft.data.limit=16", "dpo.data.limit=8",
+                           "sft.trainer.learning_rate=1e-3,3e-3"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["objective"] == "sft/train_loss" and len(saved["jobs"]) == 2
+    for job in saved["jobs"]:
+        metrics = json.loads((tmp_path / str(job["job"]) / "sft" / "metrics.json").read_text())
+        assert job["objective"] == metrics["train_loss"]
+    assert "sweep: 2 job(s)" in proc.stdout and "sft.trainer.learning_rate=0.003" in proc.stdout  # as Hydra writes it
+
+
+def test_hparams_search_configs_compose_when_the_optuna_sweeper_is_installed(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
+    from mistral_tune.config import CONFIG_DIR
+
+    for path in sorted((CONFIG_DIR / "hparams_search").glob("*.yaml")):
+        cfg = compose([f"hparams_search={path.stem}", f"run_dir={tmp_path}"])
+        assert sweep.objective_name(cfg, "pipeline") and sweep.direction(cfg, sweep.objective_name(cfg, "pipeline"))
