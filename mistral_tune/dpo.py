@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune import data, runs, tracking
+from mistral_tune import data, runs
 from mistral_tune.errors import UserError
 from mistral_tune.lean import lean_heads
 from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
-from mistral_tune.training import DiskGuard, check_finite_loss, last_checkpoint, loss_history, trl_args, write_metrics
+from mistral_tune.training import DiskGuard, check_finite_loss, loss_history, train_and_save, trl_args
 
 log = logging.getLogger("mistral_tune")
 PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -92,21 +91,14 @@ def run(cfg: DictConfig) -> Path:
         ref_model = load_policy(cfg, sft_manifest["model"])  # frozen copy; TRL puts it in eval mode
     train_dataset = load_from_disk(str(Path(cfg.run_dir) / "data" / "dpo"))
 
-    with tracking.tracked(cfg, "dpo") as report_to:
-        start = time.perf_counter()
-        trainer = _trainer_class()(
-            model=model,
-            ref_model=ref_model,
-            args=trl_args(cfg, "dpo", DPOConfig, out, report_to),
-            train_dataset=train_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(cfg) if method != "none" else None,
-        )
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(out))
-        runtime = time.perf_counter() - start
-        trainer.save_model(str(out))
-    metrics = write_metrics(out, trainer, result, runtime, {"method": method, "pairs": len(train_dataset)})
-    log.info("dpo: %d steps, train loss %.4f", result.global_step, metrics["train_loss"] or float("nan"))
+    trainer, metrics = train_and_save(cfg, "dpo", out, lambda report_to: _trainer_class()(
+        model=model,
+        ref_model=ref_model,
+        args=trl_args(cfg, "dpo", DPOConfig, out, report_to),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg) if method != "none" else None,
+    ), {"method": method, "pairs": len(train_dataset)})
     model_ref = model_ref_after(out, method, sft_manifest["model"])
     runs.finish_stage(cfg, "dpo", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)

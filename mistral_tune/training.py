@@ -139,6 +139,24 @@ class DiskGuard(TrainerCallback):
         return control
 
 
+def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_metrics: dict | None = None):
+    """Build the stage's trainer inside its W&B run, train (resuming from the newest complete
+    checkpoint), save the model or adapter with its tokenizer, write metrics.json.
+    `build_trainer(report_to)` returns the TRL trainer. Returns (trainer, metrics)."""
+    from mistral_tune import tracking
+
+    with tracking.tracked(cfg, stage) as report_to:
+        start = time.perf_counter()
+        trainer = build_trainer(report_to)
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(out))
+        runtime = time.perf_counter() - start
+        trainer.save_model(str(out))
+    metrics = write_metrics(out, trainer, result, runtime, extra_metrics)
+    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s", stage, result.global_step,
+             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0)
+    return trainer, metrics
+
+
 def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict | None = None) -> dict:
     """run_dir/<stage>/metrics.json: train_runtime counts everything after the model and data were
     loaded (trainer set-up and reference log-probs included), tokens are non-pad input tokens."""
