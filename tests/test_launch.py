@@ -131,8 +131,34 @@ def _assert_two_ranks_trained(stage_dir: Path) -> None:
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
 
 
+@pytest.fixture(scope="module")
+def one_process_sft(tmp_path_factory):
+    """The same 3 SFT steps in one process with the same global batch (8 = 2 ranks x 4)."""
+    run_dir = tmp_path_factory.mktemp("single")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "mistral_tune", "sft", f"run_dir={run_dir}", *SMALL,
+                           "sft.trainer.per_device_train_batch_size=8", "logger=none"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir / "sft"
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> float:
+    """Equivalence: distributed training with the same global batch reaches the same weights
+    (the global batch holds the same rows; the loss is normalised over all ranks' tokens)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    base = load_file(a.parent / "base" / "model.safetensors")
+    moved = max((wa[k].float() - base[k].float()).abs().max().item() for k in wa)
+    assert moved > 100 * atol, "training must move the weights, or equality proves nothing"
+    assert diff <= atol, f"max |weight difference| {diff:.3g} > {atol}"
+    return diff
+
+
 @pytest.mark.slow
-def test_ddp_sft_dpo_merge_two_processes(tmp_path):
+def test_ddp_sft_dpo_merge_two_processes(tmp_path, one_process_sft):
     run_dir = tmp_path / "run"
     wandb = {"WANDB_MODE": "offline"}
     launch("ddp", "sft", run_dir, "logger=wandb", env=wandb)
@@ -141,6 +167,7 @@ def test_ddp_sft_dpo_merge_two_processes(tmp_path):
 
     for folder in ("data", "sft", "dpo", "merged"):
         _manifest(run_dir, folder)
+    _assert_same_weights(one_process_sft, run_dir / "sft")
     assert _manifest(run_dir, "sft")["metrics"]["global_step"] == 3
     assert _manifest(run_dir, "dpo")["metrics"]["global_step"] == 3
     assert _manifest(run_dir, "merged")["from"] == "dpo"
@@ -164,10 +191,11 @@ def test_ddp_sft_dpo_merge_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_sft_on_two_processes(tmp_path):
+def test_deepspeed_zero2_sft_on_two_processes(tmp_path, one_process_sft):
     run_dir = tmp_path / "run"
     launch("zero2", "sft", run_dir, "logger=none")
     _manifest(run_dir, "sft")
+    _assert_same_weights(one_process_sft, run_dir / "sft")
     _assert_two_ranks_trained(run_dir / "sft")
     _assert_one_writer(run_dir, {"data", "sft"})
     ds_config = _deepspeed_config(run_dir / "sft")
@@ -175,11 +203,12 @@ def test_deepspeed_zero2_sft_on_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_sft_dpo_saves_consolidated_weights(tmp_path):
+def test_deepspeed_zero3_sft_dpo_saves_consolidated_weights(tmp_path, one_process_sft):
     """ZeRO-3 shards parameters; zero3_save_16bit_model gathers them at save time, so the next
     stage (DPO, whose frozen reference model is sharded too) loads an ordinary checkpoint."""
     run_dir = tmp_path / "run"
     launch("zero3", "sft", run_dir, "logger=none")
+    _assert_same_weights(one_process_sft, run_dir / "sft")
     launch("zero3", "dpo", run_dir, "logger=none")
     for stage in ("sft", "dpo"):
         _manifest(run_dir, stage)
