@@ -233,3 +233,27 @@ def _deepspeed_config(stage_dir: Path) -> dict:
     states = sorted((stage_dir / "checkpoint-3").glob("global_step*/*optim_states.pt"))
     assert states, f"no DeepSpeed checkpoint in {stage_dir / 'checkpoint-3'}"
     return torch.load(states[0], map_location="cpu", weights_only=False)["ds_config"]
+
+
+def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
+    """launch/slurm.sbatch under fake srun/scontrol/accelerate: the command each node would run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    # srun runs its command once per node, as SLURM would, with that node's SLURM_NODEID.
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    (bin_dir / "accelerate").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_GPUS_PER_NODE": "h100:8", "STAGE": "dpo"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "run_dir=/shared/r x",
+                           "experiment=zephyr_7b_beta_full"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2
+    for rank, call in enumerate(calls):
+        assert f"--machine_rank {rank}" in call
+        assert "--num_machines 2 --num_processes 16" in call
+        assert "--main_process_ip node-a" in call
+        assert call.endswith("-m mistral_tune dpo run_dir=/shared/r x experiment=zephyr_7b_beta_full")
