@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_container(cfg), sort_keys=False))
             return 0
+        from mistral_tune.runs import check_writable
+
+        check_writable(cfg.run_dir)
         result = run_command(command, cfg, overrides)
         if isinstance(result, Path):
             log.info("%s: output in %s", command, result)

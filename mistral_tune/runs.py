@@ -50,6 +50,20 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.run_dir) / STAGE_FOLDERS.get(stage, stage)
 
 
+def check_writable(run_dir: str) -> None:
+    """A run_dir that cannot be written is a one-line error before any work, not a traceback
+    after the first stage."""
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run_dir={run_dir} is not writable: {err.strerror or err}",
+                        hint="choose a folder you can write, e.g. run_dir=runs/mine") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name and rename into place: a kill mid-write leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)

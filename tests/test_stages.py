@@ -116,3 +116,8 @@ def test_qlora_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     proc = cli("sft", f"run_dir={tmp_path}", "peft=qlora", "sft.data.limit=8", "dpo.data.limit=8", "logger=none")
     assert proc.returncode == 2 and "CUDA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_run_dir_is_a_one_line_error():
+    proc = cli("data", "run_dir=/proc/mistral_tune_cannot_write_here")
+    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
