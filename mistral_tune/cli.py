@@ -30,7 +30,6 @@ Show the composed config with: mistral-tune <command> --cfg
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-NOT_YET: dict[str, str] = {}
 COMMANDS = ("data", "sft", "dpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
 log = logging.getLogger("mistral_tune")
 
@@ -92,81 +91,6 @@ def write_tokenizer(cfg) -> Path:
     return out
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """The first job's overrides of a sweep, to validate the config before any job starts."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    first = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if o.is_sweep_override():
-            value = next(iter(o.sweep_string_iterator()))
-            first.append(f"{o.get_key_element()}={value}")
-        else:
-            first.append(o.input_line)
-    return first
-
-
-def _multirun(command: str, overrides: list[str]) -> int:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from mistral_tune.config import CONFIG_DIR, compose, setup
-
-    try:
-        compose(_first_of_sweeps(overrides))
-    except UserError:
-        raise
-    except Exception:
-        pass  # sweeps the simple check cannot expand: Hydra reports its own errors below
-    setup()
-
-    from mistral_tune import sweep
-    from mistral_tune.tracking import group_name
-
-    jobs: list[dict] = []  # one entry per job, for the summary table
-    where: dict = {}
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-    def job(cfg):
-        hc = HydraConfig.get()
-        where["sweep_dir"] = hc.sweep.dir
-        with open_dict(cfg):
-            cfg.run_dir = hc.runtime.output_dir  # <run_dir>/<job number>
-            cfg.logger.group = cfg.logger.group or group_name(hc.sweep.dir)  # one W&B group per sweep
-        job_overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
-        name = where["objective"] = sweep.objective_name(cfg, command)
-        where["direction"] = sweep.direction(cfg, name) if name else "minimize"
-        record = {"job": hc.job.num, "overrides": job_overrides, "run_dir": cfg.run_dir, "objective": None}
-        jobs.append(record)
-        try:
-            run_command(command, cfg, job_overrides + [f"run_dir={cfg.run_dir}"])
-            if name:
-                record["objective"] = sweep.read_objective(cfg.run_dir, name)
-        except UserError as err:
-            record["error"] = str(err)
-            _report(command, err)
-            _summarise(sweep, where, jobs)
-            sys.exit(2)
-        return record["objective"]  # what Hydra's sweeper (e.g. Optuna) optimises
-
-    saved = sys.argv
-    sys.argv = [saved[0], "-m", *overrides]
-    try:
-        job()
-    finally:
-        sys.argv = saved
-    _summarise(sweep, where, jobs)
-    return 0
-
-
-def _summarise(sweep, where: dict, jobs: list[dict]) -> None:
-    if jobs and where.get("sweep_dir"):
-        name = where.get("objective") or "objective"
-        text = sweep.write_summary(where["sweep_dir"], jobs, name, where.get("direction", "minimize"))
-        print(f"sweep: {len(jobs)} job(s), summary in {Path(where['sweep_dir']) / 'sweep.md'}\n{text}")
-
-
 def _report(command: str, err: UserError) -> None:
     if os.environ.get("MISTRAL_TUNE_TRACEBACK"):
         import traceback
@@ -184,13 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mistral-tune: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command in NOT_YET:
-        print(f"mistral-tune {command}: {NOT_YET[command]}", file=sys.stderr)
-        return 2
     _setup_logging()
     try:
         if "-m" in overrides or "--multirun" in overrides:
-            return _multirun(command, [o for o in overrides if o not in ("-m", "--multirun")])
+            from mistral_tune.sweep import multirun
+
+            return multirun(command, [o for o in overrides if o not in ("-m", "--multirun")], run_command, _report)
         from mistral_tune.config import compose, to_container
 
         show_cfg = "--cfg" in overrides

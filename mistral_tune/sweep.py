@@ -85,3 +85,82 @@ def write_summary(sweep_dir: str | Path, jobs: list[dict], name: str, how: str) 
     runs.write_json(sweep_dir / "sweep.json", {"objective": name, "direction": how, "jobs": jobs})
     runs.atomic_write_text(sweep_dir / "sweep.md", f"```\n{text}\n```\n")
     return text
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """The first job's overrides of a sweep, to validate the config before any job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            value = next(iter(o.sweep_string_iterator()))
+            first.append(f"{o.get_key_element()}={value}")
+        else:
+            first.append(o.input_line)
+    return first
+
+
+def multirun(command: str, overrides: list[str], run_command, report) -> int:
+    """`mistral-tune <command> -m ...`: Hydra's sweeper runs one job per override combination in
+    <run_dir>/<k>; `run_command(command, cfg, overrides)` runs one, `report(command, err)` prints a
+    user error. Returns the exit status."""
+    import sys
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mistral_tune.config import CONFIG_DIR, compose, setup
+
+    try:
+        compose(_first_of_sweeps(overrides))
+    except UserError:
+        raise
+    except Exception:
+        pass  # sweeps the simple check cannot expand: Hydra reports its own errors below
+    setup()
+
+    from mistral_tune.tracking import group_name
+
+    jobs: list[dict] = []  # one entry per job, for the summary table
+    where: dict = {}
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def job(cfg):
+        hc = HydraConfig.get()
+        where["sweep_dir"] = hc.sweep.dir
+        with open_dict(cfg):
+            cfg.run_dir = hc.runtime.output_dir  # <run_dir>/<job number>
+            cfg.logger.group = cfg.logger.group or group_name(hc.sweep.dir)  # one W&B group per sweep
+        job_overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
+        name = where["objective"] = objective_name(cfg, command)
+        where["direction"] = direction(cfg, name) if name else "minimize"
+        record = {"job": hc.job.num, "overrides": job_overrides, "run_dir": cfg.run_dir, "objective": None}
+        jobs.append(record)
+        try:
+            run_command(command, cfg, job_overrides + [f"run_dir={cfg.run_dir}"])
+            if name:
+                record["objective"] = read_objective(cfg.run_dir, name)
+        except UserError as err:
+            record["error"] = str(err)
+            report(command, err)
+            _summarise(where, jobs)
+            sys.exit(2)
+        return record["objective"]  # what Hydra's sweeper (e.g. Optuna) optimises
+
+    saved = sys.argv
+    sys.argv = [saved[0], "-m", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    _summarise(where, jobs)
+    return 0
+
+
+def _summarise(where: dict, jobs: list[dict]) -> None:
+    if jobs and where.get("sweep_dir"):
+        name = where.get("objective") or "objective"
+        text = write_summary(where["sweep_dir"], jobs, name, where.get("direction", "minimize"))
+        print(f"sweep: {len(jobs)} job(s), summary in {Path(where['sweep_dir']) / 'sweep.md'}\n{text}")
