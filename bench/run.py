@@ -45,9 +45,10 @@ CONFIGS = {
     "dpo-full/mistral_tune": ("dpo", "mistral_tune", "none", []),
     "dpo-lora/trl": ("dpo", "trl", "lora", []),
     "dpo-lora/mistral_tune": ("dpo", "mistral_tune", "lora", []),
-    # not in the default run (--configs all): reference log-probs computed before training
-    "dpo-full/mistral_tune precompute": ("dpo", "mistral_tune", "none", ["+dpo.trainer.precompute_ref_log_probs=true"]),
-    "dpo-lora/mistral_tune precompute": ("dpo", "mistral_tune", "lora", ["+dpo.trainer.precompute_ref_log_probs=true"]),
+    # not in the default run (--configs all): reference log-probs computed before training, and (full)
+    # no reference model kept: the dpo.py change proposed with `precompute_ref_log_probs: true`
+    "dpo-full/mistral_tune precompute": ("dpo", "mistral_tune", "none", ["++dpo.trainer.precompute_ref_log_probs=true"]),
+    "dpo-lora/mistral_tune precompute": ("dpo", "mistral_tune", "lora", ["++dpo.trainer.precompute_ref_log_probs=true"]),
 }
 DEFAULT_CONFIGS = [name for name in CONFIGS if "precompute" not in name]
 BASELINE = {"sft": "sft/trl padding_free", "dpo-full": "dpo-full/trl", "dpo-lora": "dpo-lora/trl"}
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help=f"comma-separated subset, or 'all'; known: {', '.join(CONFIGS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker (default: torch's)")
+    p.add_argument("--set", action="append", default=[], metavar="OVERRIDE",
+                   help="extra Hydra override for every configuration, e.g. --set +sft.trainer.group_by_length=true")
     p.add_argument("--workdir", default=str(REPO / "bench" / "work"))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "latest"))
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration
@@ -102,8 +106,8 @@ def overrides(args, extra: list[str] = ()) -> list[str]:
         t = f"{stage}.trainer"
         out += [f"{t}.max_steps={steps}", f"{t}.per_device_train_batch_size={batch}",
                 f"{t}.gradient_accumulation_steps=1", f"{t}.save_strategy=no", f"{t}.logging_steps={steps}",
-                f"+{t}.disable_tqdm=true"]
-    return out + list(extra)
+                f"++{t}.disable_tqdm=true"]
+    return out + list(args.set) + list(extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +236,9 @@ def main(argv=None) -> dict:
         f"GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']}, {peak['threads']} threads).",
         f"Model: Mistral architecture, hidden {args.hidden_size}, {args.layers} layers, vocab 32000, seed "
         f"{args.seed}; SFT {args.steps} steps x {args.batch_size} rows, DPO {args.dpo_steps} steps x "
-        f"{args.dpo_batch_size} pairs; first {args.warmup} steps not timed.",
+        f"{args.dpo_batch_size} pairs; first {args.warmup} steps not timed"
+        + (f"; extra overrides {args.set}" if args.set else "") + (f"; {args.threads} threads" if args.threads else "")
+        + ".",
     ]
     if dpo_checks:
         notes.append("DPO rows whose TRL-tokenized ids differ from mistral_tune's: "
@@ -279,6 +285,8 @@ def worker(args, name: str) -> dict:
     from mistral_tune.tokenizer import load_tokenizer
     from mistral_tune.training import trl_args
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stage, side, peft, extra = CONFIGS[name]
     cfg = compose(overrides(args, [f"peft={peft}", *extra]))
     run_dir = Path(cfg.run_dir)
@@ -304,8 +312,10 @@ def worker(args, name: str) -> dict:
     else:
         dargs = trl_args(cfg, "dpo", DPOConfig, out, [])
         if side == "mistral_tune":
-            # as dpo.py: full training keeps a frozen copy of the starting policy as the reference
-            ref = load_model(str(run_dir / "base"), cfg) if peft == "none" else None
+            # as dpo.py: full training keeps a frozen copy of the starting policy as the reference; with
+            # precomputed reference log-probs none is kept (TRL computes them with the initial policy)
+            precompute = cfg.dpo.trainer.get("precompute_ref_log_probs", False)
+            ref = load_model(str(run_dir / "base"), cfg) if peft == "none" and not precompute else None
             trainer = dpo._trainer_class()(model=model, ref_model=ref, args=dargs, train_dataset=ours,
                                            processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
         else:  # TRL's default: it loads the reference itself (full) or disables the adapter (LoRA)

@@ -87,7 +87,9 @@ def run(cfg: DictConfig) -> Path:
     method = resolve_peft(cfg)
     model = _initial_policy(cfg, sft_manifest["model"], method, out)
     ref_model = None
-    if method == "none":
+    # With precomputed reference log-probs TRL scores the initial policy once, before training, and
+    # keeps no reference model in memory.
+    if method == "none" and not cfg.dpo.trainer.get("precompute_ref_log_probs", False):
         ref_model = load_policy(cfg, sft_manifest["model"])  # frozen copy; TRL puts it in eval mode
     train_dataset = load_from_disk(str(Path(cfg.run_dir) / "data" / "dpo"))
 

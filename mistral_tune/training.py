@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -27,6 +28,12 @@ LOSS_TYPE_OPTIONS = {"label_smoothing": ({"robust", "exo_pair", "aot", "aot_unpa
 
 
 def check_ignored_options(stage: str, kwargs: dict) -> None:
+    if stage == "dpo" and kwargs.get("precompute_ref_log_probs") and kwargs.get("ld_alpha") is not None:
+        raise UserError(
+            "dpo.trainer.ld_alpha with precompute_ref_log_probs=true: TRL 1.16's cache key ignores ld_alpha, "
+            "so a re-run with another value would reuse stale reference log-probs",
+            hint="set dpo.trainer.precompute_ref_log_probs=false",
+        )
     loss_types = kwargs.get("loss_type") or ["sigmoid"]
     loss_types = {loss_types} if isinstance(loss_types, str) else set(loss_types)
     for option, (used_by, default) in LOSS_TYPE_OPTIONS.items():
@@ -59,6 +66,14 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
     kwargs.setdefault("bf16", dtype == torch.bfloat16)
     kwargs.setdefault("fp16", dtype == torch.float16)
     if not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            # accelerate 1.15 makes FSDP only out of a GPU process group (state.py: the FSDP branch is
+            # for MULTI_GPU and kin); on CPU the ranks become MULTI_CPU and train as plain DDP, every
+            # rank holding the whole model, while the launch looks like FSDP.
+            raise UserError(
+                "an FSDP launch config needs GPUs: on CPU accelerate silently trains it as plain DDP",
+                hint="on CPU use launch/accelerate/ddp.yaml, zero2.yaml or zero3.yaml (DeepSpeed runs on CPU)",
+            )
         kwargs.setdefault("use_cpu", True)
     kwargs.update(output_dir=str(out), report_to=report_to, run_name=stage)
     try:

@@ -90,8 +90,8 @@ def main(data_dir: str, out: str, mode: str) -> None:
     rank = trainer.accelerator.process_index
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({
         "num_processes": trainer.accelerator.num_processes,
-        "ref_chosen_logps": ds["ref_chosen_logps"], "ref_rejected_logps": ds["ref_rejected_logps"],
-        "prompt_ids": ds["prompt_ids"],
+        "ref_chosen_logps": list(ds["ref_chosen_logps"]), "ref_rejected_logps": list(ds["ref_rejected_logps"]),
+        "prompt_ids": list(ds["prompt_ids"]),
     }))
 
 

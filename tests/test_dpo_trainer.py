@@ -79,3 +79,15 @@ def test_label_smoothing_that_trl_would_ignore_is_refused(tmp_path):
         trl_args(cfg, "dpo", DPOConfig, tmp_path, [])
     cfg = compose([f"run_dir={tmp_path}", "dpo.trainer.label_smoothing=0.1", "dpo.trainer.loss_type=[robust]"])
     assert trl_args(cfg, "dpo", DPOConfig, tmp_path, []).label_smoothing == 0.1
+
+
+def test_ld_alpha_with_cached_reference_is_refused(tmp_path):
+    """TRL's reference cache key ignores ld_alpha (tests/test_ref_cache.py pins that): a re-run
+    with another ld_alpha would silently reuse stale reference log-probs."""
+    from mistral_tune.config import compose
+    from mistral_tune.errors import UserError
+    from mistral_tune.training import trl_args
+
+    cfg = compose([f"run_dir={tmp_path}", "dpo.trainer.precompute_ref_log_probs=true", "dpo.trainer.ld_alpha=0.5"])
+    with pytest.raises(UserError, match="ld_alpha"):
+        trl_args(cfg, "dpo", DPOConfig, tmp_path, [])

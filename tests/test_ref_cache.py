@@ -72,9 +72,9 @@ def _assert_rows_match(got_chosen, got_rejected, expected):
 def test_precomputed_ref_logps_equal_plain_per_row(tmp_path, data_dir, mode):
     trainer = trainer_for(mode, load_from_disk(str(data_dir)), tmp_path / "out", precompute_ref_log_probs=True)
     ds = trainer.train_dataset
-    assert ds["prompt_ids"] == [r["prompt_ids"] for r in pairs()]  # dataset order kept
+    assert list(ds["prompt_ids"]) == [r["prompt_ids"] for r in pairs()]  # dataset order kept
     assert trainer.ref_model is None or mode == "full"
-    _assert_rows_match(ds["ref_chosen_logps"], ds["ref_rejected_logps"], _expected(mode))
+    _assert_rows_match(list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"]), _expected(mode))
 
 
 def test_rerun_reuses_cache_without_a_reference_pass(tmp_path, data_dir, monkeypatch):
@@ -93,11 +93,11 @@ def test_rerun_reuses_cache_without_a_reference_pass(tmp_path, data_dir, monkeyp
                         lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     second = build()
     assert calls == []  # cache hit: no reference pass
-    assert second.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
+    assert list(second.train_dataset["ref_chosen_logps"]) == list(first.train_dataset["ref_chosen_logps"])
     other = build("full-noref")  # reference = the policy of seed 1: other weights
     assert calls, "other reference weights must not hit the old cache"
     assert len(list(data_dir.glob("cache-*.arrow"))) == 2
-    assert other.train_dataset["ref_chosen_logps"] != first.train_dataset["ref_chosen_logps"]
+    assert list(other.train_dataset["ref_chosen_logps"]) != list(first.train_dataset["ref_chosen_logps"])
 
 
 def test_precompute_uses_the_lean_head(tmp_path, data_dir):
@@ -148,7 +148,7 @@ def test_cache_key_covers_ld_alpha(tmp_path, data_dir):
     first = trainer_for("full", load_from_disk(str(data_dir)), tmp_path / "a", precompute_ref_log_probs=True)
     second = trainer_for("full", load_from_disk(str(data_dir)), tmp_path / "b", precompute_ref_log_probs=True,
                          ld_alpha=0.5)
-    assert second.train_dataset["ref_chosen_logps"] != first.train_dataset["ref_chosen_logps"]
+    assert list(second.train_dataset["ref_chosen_logps"]) != list(first.train_dataset["ref_chosen_logps"])
 
 
 # ---------------------------------------------------------------------------------------------
