@@ -81,9 +81,10 @@ def test_merged_checkpoint_is_chat_ready(full_run):
 def test_wandb_offline_runs_hold_config_and_losses(full_run):
     files = sorted(glob.glob(str(full_run / "wandb" / "offline-run-*" / "run-*.wandb")))
     runs = {s["run"].display_name: s for s in map(wandb_run_summary, files)}
-    assert set(runs) == {"sft", "dpo"}
+    assert set(runs) == {"sft", "dpo", "eval"}
     assert len({s["run"].run_group for s in runs.values()}) == 1  # one group per run_dir
-    for stage, summary in runs.items():
+    for stage in ("sft", "dpo"):
+        summary = runs[stage]
         assert summary["config"]["run_dir"] == str(full_run)  # the resolved Hydra config
         assert summary["config"][stage]["trainer"]["max_steps"] == 3
         losses = [h["train/loss"] for h in summary["history"] if "train/loss" in h]
