@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 
 from mistral_tune import data, runs
 from mistral_tune.errors import UserError
-from mistral_tune.lean import lean_heads
+from mistral_tune.lean import lean_trainer
 from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
 from mistral_tune.tokenizer import load_tokenizer
-from mistral_tune.training import DiskGuard, check_finite_loss, loss_history, train_and_save, trl_args
+from mistral_tune.training import loss_history, train_and_save, trl_args
 
 log = logging.getLogger("mistral_tune")
 PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -26,24 +26,15 @@ PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
 
 def _trainer_class():
     from trl import DPOTrainer
+    from trl.trainer import dpo_trainer
 
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer with the lean LM head (mistral_tune.lean) where TRL's has no fast kernel.
+    class PretokenizedDPOTrainer(lean_trainer(DPOTrainer, dpo_trainer)):
+        """DPOTrainer with the lean LM head and the guards of mistral_tune.lean.lean_trainer.
 
         TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot
         be exact to Mistral's reference (control strings in content, v3's system placement). Our
         data stage already built `prompt_ids`/`chosen_ids`/`rejected_ids` with mistral-common, so
         they are used as they are; any other dataset goes through TRL's own preparation."""
-
-        def __init__(self, *args, **kwargs):
-            from trl.trainer import dpo_trainer
-
-            with lean_heads(dpo_trainer):
-                super().__init__(*args, **kwargs)
-            self.add_callback(DiskGuard())
-
-        def training_step(self, *args, **kwargs):
-            return check_finite_loss(self, super().training_step(*args, **kwargs))
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if PRETOKENIZED <= set(dataset.column_names):

@@ -116,23 +116,27 @@ def lean_heads(*trl_modules):
             m.add_fused_lm_head = original
 
 
-def lean_sft_trainer():
-    from trl import SFTTrainer
-
+def lean_trainer(trainer_cls, trl_module):
+    """`trainer_cls` (TRL's SFTTrainer or DPOTrainer, defined in `trl_module`) with the lean LM head
+    where TRL's has no fast kernel, a stop at the first non-finite loss, and a free-disk check
+    before each save."""
     from mistral_tune.training import DiskGuard, check_finite_loss
 
-    class LeanSFTTrainer(SFTTrainer):
-        """TRL's SFTTrainer with the lean LM head where TRL's has no fast kernel, a stop at the first
-        non-finite loss, and a free-disk check before each save."""
-
+    class LeanTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):
-            from trl.trainer import sft_trainer
-
-            with lean_heads(sft_trainer):
+            with lean_heads(trl_module):
                 super().__init__(*args, **kwargs)
             self.add_callback(DiskGuard())
 
         def training_step(self, *args, **kwargs):
             return check_finite_loss(self, super().training_step(*args, **kwargs))
 
-    return LeanSFTTrainer
+    LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_cls.__name__}"
+    return LeanTrainer
+
+
+def lean_sft_trainer():
+    from trl import SFTTrainer
+    from trl.trainer import sft_trainer
+
+    return lean_trainer(SFTTrainer, sft_trainer)

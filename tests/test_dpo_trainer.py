@@ -10,6 +10,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from mistral_tune import dpo
+from mistral_tune import lean as lean_module
 from mistral_tune.tokenizer import build_hf_tokenizer
 from tests.helpers import tiny_mistral
 
@@ -29,7 +30,7 @@ def _pairs(n=8, seed=0):
 
 def _train(tmp_path, lean: bool, monkeypatch, **kw):
     if not lean:  # the same trainer with TRL's own fused LM head left in place
-        monkeypatch.setattr(dpo, "lean_heads", lambda *modules: contextlib.nullcontext())
+        monkeypatch.setattr(lean_module, "lean_heads", lambda *modules: contextlib.nullcontext())
     else:
         monkeypatch.undo()
     model = tiny_mistral(vocab_size=VOCAB, sliding_window=8).train()

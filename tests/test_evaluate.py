@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mistral_tune import evaluate, tasks, templates
+from mistral_tune import evaluate, templates
 from tests.helpers import tiny_mistral
 
 TEMPLATE = "mistral_v1"
