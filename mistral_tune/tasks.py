@@ -75,25 +75,38 @@ def check(user: str, answer: str) -> bool:
 
 
 def wrong_answer(task: str, user: str, rng: random.Random) -> str:
-    """A plausible but wrong answer, for rejected replies in preference pairs."""
+    """A wrong answer of the kinds a small model actually gives, for rejected replies in preference
+    pairs: half the time a near miss (off by a little, the other number, one step too many), half
+    the time a made-up value (a number or digit that is not in the question)."""
     right = expected(task, user)
     nums = [int(x) for x in re.findall(r"\d+", user)]
+    made_up = rng.random() < 0.5
     if task == "add":
-        offset = rng.choice([-10, -2, -1, 1, 2, 10])
-        total = nums[0] + nums[1] + (offset if nums[0] + nums[1] + offset >= 0 else -offset)
-        return f"{nums[0]} + {nums[1]} = {total}"
+        total = nums[0] + nums[1]
+        if made_up:
+            wrong = rng.choice([v for v in range(200) if v != total])
+        else:
+            offset = rng.choice([-10, -2, -1, 1, 2, 10])
+            wrong = total + (offset if total + offset >= 0 else -offset)
+        return f"{nums[0]} + {nums[1]} = {wrong}"
     if task == "larger":
-        return f"The larger number is {min(nums)}."
+        value = rng.choice([v for v in range(100) if v not in nums]) if made_up else min(nums)
+        return f"The larger number is {value}."
     if task == "sort":
-        shuffled = nums[:]
-        while shuffled == sorted(nums):
-            rng.shuffle(shuffled)
-            if len(set(nums)) == 1:
-                shuffled = nums + [nums[0]]
-        return ", ".join(map(str, shuffled))
+        wrong = sorted(nums)
+        if made_up:
+            i = rng.randrange(len(wrong))
+            wrong[i] = rng.choice([d for d in range(10) if d != wrong[i]])
+            wrong.sort()
+        else:
+            while wrong == sorted(nums):
+                rng.shuffle(wrong)
+                if len(set(nums)) == 1:
+                    wrong = nums + [nums[0]]
+        return ", ".join(map(str, wrong))
     if task == "repeat":
         word = right.split()[0]
-        return " ".join([word] * (nums[-1] + 1))
+        return " ".join([word] * (nums[-1] + rng.choice([-1, 1])))
     raise ValueError(task)
 
 
