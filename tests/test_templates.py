@@ -39,17 +39,17 @@ def random_text(rng: random.Random, min_pieces: int = 0) -> str:
     return "".join(rng.choice(PIECES) for _ in range(rng.randint(min_pieces, 10)))
 
 
-def random_conversation(rng: random.Random, end: str = "assistant") -> list[dict]:
-    """Optional system prompt, 1-4 user turns, ending with an `end` turn."""
+def random_conversation(rng: random.Random, end: str = "assistant", text=random_text) -> list[dict]:
+    """Optional system prompt, 1-4 user turns, ending with an `end` turn; contents from `text`."""
     messages = []
     if rng.random() < 0.5:
-        messages.append({"role": "system", "content": random_text(rng)})
+        messages.append({"role": "system", "content": text(rng)})
     n_turns = rng.randint(1, 4)
     for turn in range(n_turns):
-        messages.append({"role": "user", "content": random_text(rng)})
+        messages.append({"role": "user", "content": text(rng)})
         if turn < n_turns - 1 or end == "assistant":
             # mistral-common rejects empty assistant turns; whitespace-only ones are fine
-            messages.append({"role": "assistant", "content": random_text(rng, min_pieces=1)})
+            messages.append({"role": "assistant", "content": text(rng, min_pieces=1)})
     return messages
 
 

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from mistral_tune.templates import ALL_TEMPLATES, TEMPLATES, TEXT_TEMPLATES, encode_chat, encode_prompt, mistral_tokenizer
 from mistral_tune.tokenizer import PAD_TOKEN, build_hf_tokenizer, load_tokenizer, save_tokenizer
+from tests.test_templates import random_conversation
 
 BOS, EOS = 1, 2
 CONTROL_STRINGS = ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]")
@@ -29,15 +30,7 @@ def ordinary_text(rng: random.Random, min_pieces: int = 0) -> str:
 
 
 def ordinary_conversation(rng: random.Random, end: str = "assistant") -> list[dict]:
-    messages = []
-    if rng.random() < 0.5:
-        messages.append({"role": "system", "content": ordinary_text(rng)})
-    n_turns = rng.randint(1, 4)
-    for turn in range(n_turns):
-        messages.append({"role": "user", "content": ordinary_text(rng)})
-        if turn < n_turns - 1 or end == "assistant":
-            messages.append({"role": "assistant", "content": ordinary_text(rng, min_pieces=1)})
-    return messages
+    return random_conversation(rng, end, text=ordinary_text)
 
 
 def sp_encode(template: str, text: str) -> list[int]:
