@@ -2,12 +2,12 @@
 
     python bench/run.py --hidden-size 256 --layers 4 --sft-data data/sft.jsonl --dpo-data data/dpo.jsonl --steps 30
 
-1. The data stage (`mistral_tune.data`) builds the pre-tokenized SFT and DPO datasets from the files, and a
+1. The data stage (`mistral_tune.stages.data`) builds the pre-tokenized SFT and DPO datasets from the files, and a
    Mistral-architecture model (vocab 32000, Mistral v1 tokenizer) is initialised from --seed. Both are
    cached in --workdir, keyed on the model arguments (the data build is content-keyed by the stage).
 2. Every configuration trains in a fresh subprocess (`--worker NAME`), so its peak RSS is its own.
    Both sides get the same hyperparameters: the default pipeline's `sft.trainer`/`dpo.trainer`
-   (built by `mistral_tune.training.trl_args`), with only batch size and step count set here.
+   (built by `mistral_tune.training.trainers.trl_args`), with only batch size and step count set here.
    mistral_tune's rows use the trainers the stages use (`LeanSFTTrainer`, `dpo._trainer_class()`);
    TRL's rows use `trl.SFTTrainer`/`trl.DPOTrainer` unchanged.
    - SFT: both sides get the pre-tokenized `input_ids`/`assistant_masks` dataset (the same ids).
@@ -116,10 +116,10 @@ def overrides(args, extra: list[str] = ()) -> list[str]:
 
 def prepare(args) -> None:
     """Data stage and random base model, in this process (workers only load them)."""
-    from mistral_tune import data
+    from mistral_tune.stages import data
     from mistral_tune.config import compose
-    from mistral_tune.modeling import ensure_base
-    from mistral_tune.tokenizer import load_tokenizer
+    from mistral_tune.training.modeling import ensure_base
+    from mistral_tune.formats.tokenizer import load_tokenizer
 
     cfg = compose(overrides(args))
     data.run(cfg)
@@ -263,7 +263,7 @@ def trl_dpo_rows(path: str):
     """The preference rows as TRL's conversational prompt/chosen/rejected, validated by our own reader."""
     from datasets import Dataset
 
-    from mistral_tune import sources
+    from mistral_tune.datasets import sources
 
     rows = sources.load_source(sources.Source(path=path), "dpo").rows
     return Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -278,12 +278,12 @@ def worker(args, name: str) -> dict:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
     from trl.trainer.utils import compute_flops_per_token
 
-    from mistral_tune import dpo
+    from mistral_tune.stages import dpo
     from mistral_tune.config import compose
-    from mistral_tune.lean import lean_sft_trainer
-    from mistral_tune.modeling import load_model, lora_config
-    from mistral_tune.tokenizer import load_tokenizer
-    from mistral_tune.training import trl_args
+    from mistral_tune.training.lean import lean_sft_trainer
+    from mistral_tune.training.modeling import load_model, lora_config
+    from mistral_tune.formats.tokenizer import load_tokenizer
+    from mistral_tune.training.trainers import trl_args
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -138,7 +138,7 @@ def render(cfg: DictConfig, results: dict | None = None) -> str:
 
     lines += ["## Evaluation", ""]
     if results:
-        from mistral_tune.evaluate import table
+        from mistral_tune.stages.evaluate import table
 
         lines += [f"Held-out data: {', '.join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files])} "
                   f"(at most {cfg.eval.max_samples} rows each). `task_score`: greedy answers exactly right; "

@@ -67,7 +67,7 @@ def _setup_logging() -> None:
 
 
 def run_command(command: str, cfg, overrides: list[str]):
-    from mistral_tune import data, dpo, evaluate, merge, pipeline, plan, push, sft
+    from mistral_tune.stages import data, dpo, evaluate, merge, pipeline, plan, push, sft
 
     if command == "plan":
         return plan.run(cfg)
@@ -81,9 +81,9 @@ def run_command(command: str, cfg, overrides: list[str]):
 
 def write_tokenizer(cfg) -> Path:
     """`mistral-tune tokenizer`: the HF tokenizer and chat template of the chosen template."""
-    from mistral_tune.data import template_and_vocab
+    from mistral_tune.stages.data import template_and_vocab
     from mistral_tune.runs import is_main_process
-    from mistral_tune.tokenizer import build_hf_tokenizer, save_tokenizer
+    from mistral_tune.formats.tokenizer import build_hf_tokenizer, save_tokenizer
 
     out = Path(cfg.run_dir) / "tokenizer"
     if is_main_process():

@@ -121,7 +121,7 @@ def multirun(command: str, overrides: list[str], run_command, report) -> int:
         pass  # sweeps the simple check cannot expand: Hydra reports its own errors below
     setup()
 
-    from mistral_tune.tracking import group_name
+    from mistral_tune.training.tracking import group_name
 
     jobs: list[dict] = []  # one entry per job, for the summary table
     where: dict = {}

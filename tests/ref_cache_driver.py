@@ -59,8 +59,8 @@ def trainer_for(mode: str, dataset, out: Path, **kw):
     so the reference is the initial policy, adapter included)."""
     from trl import DPOConfig
 
-    from mistral_tune import dpo
-    from mistral_tune.tokenizer import build_hf_tokenizer
+    from mistral_tune.stages import dpo
+    from mistral_tune.formats.tokenizer import build_hf_tokenizer
 
     args = DPOConfig(**{**dict(
         output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_steps=1, optim="sgd", learning_rate=0.1,

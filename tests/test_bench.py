@@ -27,7 +27,7 @@ def test_every_configuration_builds_trl_arguments(tmp_path, name):
     from trl import DPOConfig, SFTConfig
 
     from mistral_tune.config import compose
-    from mistral_tune.training import trl_args
+    from mistral_tune.training.trainers import trl_args
 
     bench = _bench()
     args = bench.parse_args(["--workdir", str(tmp_path), "--steps", "5", "--dpo-steps", "4", "--batch-size", "3"])

@@ -21,10 +21,10 @@ from trl import DPOConfig, SFTConfig
 from mistral_tune.cli import _strip_launcher_args
 from mistral_tune.config import CONFIG_DIR, compose, trainer_kwargs
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import lora_config, resolve_template
+from mistral_tune.training.modeling import lora_config, resolve_template
 from mistral_tune.schema import OWNED_TRAINER_FIELDS
-from mistral_tune.templates import ALL_TEMPLATES
-from mistral_tune.training import trl_args
+from mistral_tune.formats.templates import ALL_TEMPLATES
+from mistral_tune.training.trainers import trl_args
 
 STAGES = {"sft": SFTConfig, "dpo": DPOConfig}
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

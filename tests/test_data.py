@@ -21,11 +21,13 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_tune import cli, data, sources
+from mistral_tune import cli
+from mistral_tune.stages import data
+from mistral_tune.datasets import sources
 from mistral_tune.config import compose
 from mistral_tune.errors import UserError
-from mistral_tune.templates import TEMPLATES, TEXT_TEMPLATES, mistral_tokenizer_file
-from mistral_tune.tokenizer import load_tokenizer
+from mistral_tune.formats.templates import TEMPLATES, TEXT_TEMPLATES, mistral_tokenizer_file
+from mistral_tune.formats.tokenizer import load_tokenizer
 
 N = 300
 CONTROL = ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]")
@@ -324,8 +326,8 @@ def _corrupt_row(rng: random.Random, row):
 
 def _malformed_files(tmp_path, seed: int, count: int):
     rng = random.Random(seed)
-    sft = [json.loads(line) for line in open(data.__file__.replace("mistral_tune/data.py", "data/sft.jsonl"))][:12]
-    dpo = [json.loads(line) for line in open(data.__file__.replace("mistral_tune/data.py", "data/dpo.jsonl"))][:12]
+    sft = [json.loads(line) for line in open(data.__file__.replace("mistral_tune/stages/data.py", "data/sft.jsonl"))][:12]
+    dpo = [json.loads(line) for line in open(data.__file__.replace("mistral_tune/stages/data.py", "data/dpo.jsonl"))][:12]
     made = 0
     while made < count:
         kind, fmt = rng.choice(["sft", "dpo"]), rng.choice(["jsonl", "json", "csv", "parquet"])

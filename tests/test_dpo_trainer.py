@@ -9,9 +9,9 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig
 
-from mistral_tune import dpo
-from mistral_tune import lean as lean_module
-from mistral_tune.tokenizer import build_hf_tokenizer
+from mistral_tune.stages import dpo
+from mistral_tune.training import lean as lean_module
+from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from tests.helpers import tiny_mistral
 
 VOCAB = 32000
@@ -73,7 +73,7 @@ def test_label_smoothing_that_trl_would_ignore_is_refused(tmp_path):
     """TRL 1.16's sigmoid loss never reads label_smoothing: accepting it would be a silent no-op."""
     from mistral_tune.config import compose
     from mistral_tune.errors import UserError
-    from mistral_tune.training import trl_args
+    from mistral_tune.training.trainers import trl_args
 
     cfg = compose([f"run_dir={tmp_path}", "dpo.trainer.label_smoothing=0.1"])
     with pytest.raises(UserError, match="no effect"):
@@ -87,7 +87,7 @@ def test_ld_alpha_with_cached_reference_is_refused(tmp_path):
     with another ld_alpha would silently reuse stale reference log-probs."""
     from mistral_tune.config import compose
     from mistral_tune.errors import UserError
-    from mistral_tune.training import trl_args
+    from mistral_tune.training.trainers import trl_args
 
     cfg = compose([f"run_dir={tmp_path}", "dpo.trainer.precompute_ref_log_probs=true", "dpo.trainer.ld_alpha=0.5"])
     with pytest.raises(UserError, match="ld_alpha"):

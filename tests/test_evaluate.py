@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from mistral_tune import evaluate, templates
+from mistral_tune.stages import evaluate
+from mistral_tune.formats import templates
 from tests.helpers import tiny_mistral
 
 TEMPLATE = "mistral_v1"

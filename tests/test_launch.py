@@ -122,7 +122,7 @@ def test_fsdp_on_cpu_is_refused(monkeypatch, tmp_path):
 
     from mistral_tune.config import compose
     from mistral_tune.errors import UserError
-    from mistral_tune.training import trl_args
+    from mistral_tune.training.trainers import trl_args
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for FSDP configs

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
-from mistral_tune.lean import add_lean_lm_head
+from mistral_tune.training.lean import add_lean_lm_head
 from tests.helpers import random_examples, tiny_mistral
 
 PAD = 0

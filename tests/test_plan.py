@@ -7,7 +7,7 @@ import math
 import pytest
 from transformers import MistralConfig
 
-from mistral_tune import plan
+from mistral_tune.stages import plan
 from mistral_tune.config import compose
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mistral_tune import push
+from mistral_tune.stages import push
 from mistral_tune.config import compose
 from mistral_tune.errors import UserError
 

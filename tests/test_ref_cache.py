@@ -102,7 +102,7 @@ def test_rerun_reuses_cache_without_a_reference_pass(tmp_path, data_dir, monkeyp
 
 def test_precompute_uses_the_lean_head(tmp_path, data_dir):
     """The reference forward during precompute projects only the completion positions."""
-    from mistral_tune import lean
+    from mistral_tune.training import lean
 
     seen = []
     original = lean.add_lean_lm_head

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mistral_tune.training import DiskGuard, last_checkpoint
+from mistral_tune.training.trainers import DiskGuard, last_checkpoint
 
 STEPS = ["sft.trainer.max_steps=12", "sft.trainer.save_steps=4", "sft.data.limit=128", "dpo.data.limit=64",
          "dpo.trainer.max_steps=8", "dpo.trainer.save_steps=2", "dpo.trainer.per_device_train_batch_size=8",

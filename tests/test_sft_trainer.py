@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from mistral_tune.lean import lean_sft_trainer
-from mistral_tune.tokenizer import build_hf_tokenizer
+from mistral_tune.training.lean import lean_sft_trainer
+from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from tests.helpers import random_examples, tiny_mistral
 
 VOCAB = 32000

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mistral_tune.errors import UserError
-from mistral_tune.sources import Reject, load_rows, write_rejects
+from mistral_tune.datasets.sources import Reject, load_rows, write_rejects
 
 
 def msgs(*pairs):
@@ -456,7 +456,7 @@ def test_user_error_hint_is_second_line():
 
 # --- sources: renames, Hub ids ------------------------------------------------------------------
 
-from mistral_tune.sources import Source, is_hub_id, load_source  # noqa: E402
+from mistral_tune.datasets.sources import Source, is_hub_id, load_source  # noqa: E402
 
 
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet, write_json])

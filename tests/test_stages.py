@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mistral_tune import merge
+from mistral_tune.stages import merge
 from mistral_tune.config import compose
 from tests.helpers import tiny_mistral
 
@@ -63,7 +63,8 @@ def test_changed_tokenizer_or_template_never_reuses_the_build(tmp_path):
 
 
 def test_zero_trained_tokens_is_an_error(tmp_path, monkeypatch):
-    from mistral_tune import data, templates
+    from mistral_tune.stages import data
+    from mistral_tune.formats import templates
 
     monkeypatch.setattr(
         templates, "encode_chat",
@@ -96,7 +97,7 @@ def test_tiny_default_window_is_shorter_than_the_training_rows(tmp_path):
     cfg = compose([f"run_dir={tmp_path}"])
     assert cfg.model.config.sliding_window is not None
     assert cfg.model.config.num_key_value_heads < cfg.model.config.num_attention_heads  # GQA
-    from mistral_tune import data
+    from mistral_tune.stages import data
 
     data.run(cfg)
     report = json.loads((tmp_path / "data" / "report.json").read_text())
@@ -104,7 +105,7 @@ def test_tiny_default_window_is_shorter_than_the_training_rows(tmp_path):
 
 
 def test_model_config_fields_are_overridable(tmp_path):
-    from mistral_tune.modeling import tiny_config
+    from mistral_tune.training.modeling import tiny_config
 
     cfg = compose([f"run_dir={tmp_path}", "model.config.hidden_size=256", "model.config.head_dim=64"])
     config = tiny_config(cfg, vocab_size=32000)

@@ -1,4 +1,4 @@
-"""mistral_tune.templates against mistral-common, id for id, on random conversations."""
+"""mistral_tune.formats.templates against mistral-common, id for id, on random conversations."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest, Inst
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_tune import templates
-from mistral_tune.templates import (
+from mistral_tune.formats import templates
+from mistral_tune.formats.templates import (
     TEMPLATES,
     Encoded,
     encode_chat,

@@ -1,4 +1,4 @@
-"""mistral_tune.tokenizer: the HF tokenizer and its chat template against mistral-common."""
+"""mistral_tune.formats.tokenizer: the HF tokenizer and its chat template against mistral-common."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from mistral_tune.templates import ALL_TEMPLATES, TEMPLATES, TEXT_TEMPLATES, encode_chat, encode_prompt, mistral_tokenizer
-from mistral_tune.tokenizer import PAD_TOKEN, build_hf_tokenizer, load_tokenizer, save_tokenizer
+from mistral_tune.formats.templates import ALL_TEMPLATES, TEMPLATES, TEXT_TEMPLATES, encode_chat, encode_prompt, mistral_tokenizer
+from mistral_tune.formats.tokenizer import PAD_TOKEN, build_hf_tokenizer, load_tokenizer, save_tokenizer
 from tests.test_templates import random_conversation
 
 BOS, EOS = 1, 2

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mistral_tune import cleaning, runs, sources, templates, tokenizer as hf_tokenizer
+from mistral_tune.datasets import cleaning, sources
+from mistral_tune import runs
+from mistral_tune.formats import templates, tokenizer as hf_tokenizer
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import resolve_template
-from mistral_tune.tokenizer import build_hf_tokenizer
+from mistral_tune.training.modeling import resolve_template
+from mistral_tune.formats.tokenizer import build_hf_tokenizer
 
 log = logging.getLogger("mistral_tune")
 

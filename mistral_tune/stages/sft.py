@@ -11,11 +11,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune import data, runs
-from mistral_tune.lean import lean_sft_trainer
-from mistral_tune.modeling import ensure_base, load_model, lora_config, model_ref_after, resolve_peft
-from mistral_tune.tokenizer import load_tokenizer
-from mistral_tune.training import loss_history, train_and_save, trl_args
+from mistral_tune.stages import data
+from mistral_tune import runs
+from mistral_tune.training.lean import lean_sft_trainer
+from mistral_tune.training.modeling import ensure_base, load_model, lora_config, model_ref_after, resolve_peft
+from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.training.trainers import loss_history, train_and_save, trl_args
 
 log = logging.getLogger("mistral_tune")
 

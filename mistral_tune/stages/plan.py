@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mistral_tune import runs
 from mistral_tune.config import REPO_ROOT
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import lora_config, resolve_template, tiny_config
+from mistral_tune.training.modeling import lora_config, resolve_template, tiny_config
 
 log = logging.getLogger("mistral_tune")
 GiB = 2**30
@@ -35,7 +35,7 @@ def model_config(cfg: DictConfig) -> tuple[object, str]:
     defaults, which are the Mistral-7B shape, with the vocabulary of the template's tokenizer."""
     from transformers import AutoConfig, MistralConfig
 
-    from mistral_tune.templates import mistral_tokenizer
+    from mistral_tune.formats.templates import mistral_tokenizer
 
     template = resolve_template(cfg)
     vocab = mistral_tokenizer(template).instruct_tokenizer.tokenizer.n_words
@@ -211,7 +211,7 @@ def data_rows(cfg: DictConfig) -> tuple[dict, str]:
         return rows, "plan.sft_rows / plan.dpo_rows"
     if not (cfg.sft.data.files or cfg.dpo.data.files):
         return {}, "no data files (sft.data.files=[...], or plan.sft_rows=N plan.dpo_rows=N)"
-    from mistral_tune import data
+    from mistral_tune.stages import data
 
     data.run(cfg)  # reuses run_dir/data when built from the same inputs
     report = runs.require_manifest(cfg, "data", "plan")["report"]

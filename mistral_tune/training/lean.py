@@ -120,7 +120,7 @@ def lean_trainer(trainer_cls, trl_module):
     """`trainer_cls` (TRL's SFTTrainer or DPOTrainer, defined in `trl_module`) with the lean LM head
     where TRL's has no fast kernel, a stop at the first non-finite loss, and a free-disk check
     before each save."""
-    from mistral_tune.training import DiskGuard, check_finite_loss
+    from mistral_tune.training.trainers import DiskGuard, check_finite_loss
 
     class LeanTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mistral_tune import runs, templates
+from mistral_tune import runs
+from mistral_tune.formats import templates
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import DTYPES, load_policy, resolve_template
-from mistral_tune.tokenizer import load_tokenizer
+from mistral_tune.training.modeling import DTYPES, load_policy, resolve_template
+from mistral_tune.formats.tokenizer import load_tokenizer
 
 log = logging.getLogger("mistral_tune")
 

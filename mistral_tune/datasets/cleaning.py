@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_tune import sources
+from mistral_tune.datasets import sources
 from mistral_tune.errors import UserError
 
 DEDUP_MODES = ("none", "exact", "near")

@@ -1,6 +1,6 @@
 """Hugging Face tokenizers for the Mistral templates, built from mistral-common's own files.
 
-`build_hf_tokenizer(template)` converts the SentencePiece file that `mistral_tune.templates`
+`build_hf_tokenizer(template)` converts the SentencePiece file that `mistral_tune.formats.templates`
 uses as its reference (``templates.mistral_tokenizer_file``) into a fast tokenizer and gives
 it a Jinja chat template for that Mistral version. Exported checkpoints carry this
 tokenizer, so serving renders the format used in training.
@@ -42,10 +42,10 @@ Where it cannot match:
    vocabulary to emit user-defined pieces whole, and the vocabulary also holds the control
    pieces.
 3. Conversation shapes: the Jinja templates accept one optional leading system message and
-   string contents only (what `mistral_tune.data` produces); anything else raises. The
+   string contents only (what `mistral_tune.stages.data` produces); anything else raises. The
    reference also folds later system messages in; we do not need that.
 
-``chatml`` and ``zephyr`` (defined in `mistral_tune.templates`, over the vocabulary of the
+``chatml`` and ``zephyr`` (defined in `mistral_tune.formats.templates`, over the vocabulary of the
 model's Mistral tokenizer) have the same properties: ``apply_chat_template`` equals
 ``encode_chat``/``encode_prompt`` for ordinary content, with the assistant mask, and point 1
 applies to them too (``</s>`` written in content becomes EOS under Jinja). Their
@@ -64,7 +64,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from mistral_tune.templates import ALL_TEMPLATES, mistral_tokenizer_file
+from mistral_tune.formats.templates import ALL_TEMPLATES, mistral_tokenizer_file
 
 # Context length the tokenizer warns about; Mistral 7B v0.1-v0.3 and Large 2411 all handle
 # 32k positions, and training sequences are cut well below that by `max_length`.

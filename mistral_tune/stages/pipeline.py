@@ -14,7 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune import data, dpo, evaluate, merge, push, runs, sft
+from mistral_tune.stages import data, dpo, evaluate, merge, push, sft
+from mistral_tune import runs
 from mistral_tune.config import REPO_ROOT
 from mistral_tune.errors import UserError
 

@@ -31,9 +31,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mistral_tune import runs, sources, tasks, templates, tracking
+from mistral_tune import runs
+from mistral_tune.datasets import sources, tasks
+from mistral_tune.formats import templates
+from mistral_tune.training import tracking
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import load_policy, resolve_template
+from mistral_tune.training.modeling import load_policy, resolve_template
 
 log = logging.getLogger("mistral_tune")
 
@@ -285,7 +288,7 @@ def run(cfg: DictConfig) -> Path:
 
 
 def _tokenizer(cfg: DictConfig, template: str):
-    from mistral_tune.tokenizer import build_hf_tokenizer, load_tokenizer
+    from mistral_tune.formats.tokenizer import build_hf_tokenizer, load_tokenizer
 
     saved = Path(cfg.run_dir) / "tokenizer"
     return load_tokenizer(saved) if (saved / "tokenizer_config.json").exists() else build_hf_tokenizer(template)

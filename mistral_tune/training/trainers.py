@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from mistral_tune import runs
 from mistral_tune.config import trainer_kwargs
 from mistral_tune.errors import UserError
-from mistral_tune.modeling import resolve_dtype
+from mistral_tune.training.modeling import resolve_dtype
 
 log = logging.getLogger("mistral_tune")
 
@@ -158,7 +158,7 @@ def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_
     """Build the stage's trainer inside its W&B run, train (resuming from the newest complete
     checkpoint), save the model or adapter with its tokenizer, write metrics.json.
     `build_trainer(report_to)` returns the TRL trainer. Returns (trainer, metrics)."""
-    from mistral_tune import tracking
+    from mistral_tune.training import tracking
 
     with tracking.tracked(cfg, stage) as report_to:
         start = time.perf_counter()

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune import data, runs
+from mistral_tune.stages import data
+from mistral_tune import runs
 from mistral_tune.errors import UserError
-from mistral_tune.lean import lean_trainer
-from mistral_tune.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
-from mistral_tune.tokenizer import load_tokenizer
-from mistral_tune.training import loss_history, train_and_save, trl_args
+from mistral_tune.training.lean import lean_trainer
+from mistral_tune.training.modeling import load_model, load_policy, lora_config, model_ref_after, resolve_peft
+from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.training.trainers import loss_history, train_and_save, trl_args
 
 log = logging.getLogger("mistral_tune")
 PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -29,7 +30,7 @@ def _trainer_class():
     from trl.trainer import dpo_trainer
 
     class PretokenizedDPOTrainer(lean_trainer(DPOTrainer, dpo_trainer)):
-        """DPOTrainer with the lean LM head and the guards of mistral_tune.lean.lean_trainer.
+        """DPOTrainer with the lean LM head and the guards of mistral_tune.training.lean.lean_trainer.
 
         TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot
         be exact to Mistral's reference (control strings in content, v3's system placement). Our
