@@ -116,14 +116,15 @@ def overrides(args, extra: list[str] = ()) -> list[str]:
 
 def prepare(args) -> None:
     """Data stage and random base model, in this process (workers only load them)."""
-    from mistral_tune.stages import data
     from mistral_tune.config import compose
+    from mistral_tune.runs import RunDir
+    from mistral_tune.stages import data
     from mistral_tune.training.modeling import ensure_base
     from mistral_tune.formats.tokenizer import load_tokenizer
 
     cfg = compose(overrides(args))
     data.run(cfg)
-    ensure_base(cfg, load_tokenizer(Path(cfg.run_dir) / "tokenizer"))
+    ensure_base(cfg, load_tokenizer(RunDir.of(cfg).tokenizer))
 
 
 def gemm_peak() -> dict:
@@ -278,6 +279,7 @@ def worker(args, name: str) -> dict:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
     from trl.trainer.utils import compute_flops_per_token
 
+    from mistral_tune.runs import RunDir
     from mistral_tune.stages import dpo
     from mistral_tune.config import compose
     from mistral_tune.training.lean import lean_sft_trainer
@@ -289,11 +291,11 @@ def worker(args, name: str) -> dict:
         torch.set_num_threads(args.threads)
     stage, side, peft, extra = CONFIGS[name]
     cfg = compose(overrides(args, [f"peft={peft}", *extra]))
-    run_dir = Path(cfg.run_dir)
+    run_dir = RunDir.of(cfg)
     out = Path(args.workdir) / "scratch" / name.replace("/", "_").replace(" ", "_")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    model = load_model(str(run_dir / "base"), cfg)
-    ours = load_from_disk(str(run_dir / "data" / stage))
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    model = load_model(str(run_dir.base), cfg)
+    ours = load_from_disk(str(run_dir.dataset(stage)))
     clock = []
 
     class Clock(TrainerCallback):

@@ -1,6 +1,6 @@
 """The merged model's card: run_dir/merged/README.md with Hugging Face model-card metadata.
 
-Everything in it is read from the run folder (data/report.json, each stage's config.yaml,
+Everything in it is read from the run folder (data/<stage>/report.json, each stage's config.yaml,
 metrics.json and manifest.json, eval/results.json), so the card describes what was trained, not
 what the current config says. `write_card(cfg)` works without evaluation results too (merge can
 call it); `mistral-tune eval` rewrites it with the evaluation table.
@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig
 
 from mistral_tune import runs
+from mistral_tune.runs import RunDir
 
 VERSIONS = ("mistral-tune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "mistral-common")
 HUB_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
@@ -50,25 +51,25 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1 and set(name) <= HUB_ID_CHARS
 
 
-def _stage_rows(run_dir: Path) -> list[dict]:
+def _stage_rows(run_dir: RunDir, stages: list[str]) -> list[dict]:
     rows = []
-    for stage in ("sft", "dpo"):
-        config = _read(run_dir / stage / "config.yaml")
-        manifest = _read(run_dir / stage / "manifest.json")
+    for stage in stages:
+        config = _read(run_dir.stage(stage) / "config.yaml")
+        manifest = _read(run_dir.stage(stage) / "manifest.json")
         if not (config and manifest):
             continue
         rows.append({"stage": stage, "config": config, "manifest": manifest,
-                     "metrics": _read(run_dir / stage / "metrics.json") or manifest.get("metrics", {})})
+                     "metrics": _read(run_dir.stage(stage) / "metrics.json") or manifest.get("metrics", {})})
     return rows
 
 
-def render(cfg: DictConfig, results: dict | None = None) -> str:
-    run_dir = Path(cfg.run_dir)
-    report = _read(run_dir / "data" / "report.json") or {}
-    stages = _stage_rows(run_dir)
+def render(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> str:
+    run_dir = RunDir.of(cfg)
+    reports = {kind: r for kind in cfg.stages if (r := _read(run_dir.data(kind) / "report.json"))}
+    stages = _stage_rows(run_dir, list(cfg.stages))
     name_or_path = cfg.model.name_or_path
-    template = report.get("template") or cfg.template.name
-    files = {kind: {Path(f).name: c for f, c in report.get(kind, {}).get("per_file", {}).items()} for kind in ("sft", "dpo")}
+    template = (_read(run_dir.chat_format) or {}).get("template") or cfg.template.name
+    files = {kind: {Path(f).name: c for f, c in r.get("per_file", {}).items()} for kind, r in reports.items()}
 
     meta: dict = {"library_name": "transformers", "pipeline_tag": "text-generation",
                   "tags": ["mistral", "mistral_tune", "trl", *[s["stage"] for s in stages]]}
@@ -82,18 +83,18 @@ def render(cfg: DictConfig, results: dict | None = None) -> str:
         metrics = [{"type": k, "name": k, "value": round(results[last][k], 4)}
                    for k in ("task_score", "eval_loss", "perplexity", "preference_accuracy", "reward_margin")
                    if results[last].get(k) is not None]
-        meta["model-index"] = [{"name": run_dir.resolve().name, "results": [{
+        meta["model-index"] = [{"name": run_dir.root.resolve().name, "results": [{
             "task": {"type": "text-generation"},
             "dataset": {"name": ", ".join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files]),
                         "type": "held-out"},
             "metrics": metrics}]}]
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {run_dir.resolve().name}", ""]
+             f"# {run_dir.root.resolve().name}", ""]
     base = (f"[{name_or_path}](https://huggingface.co/{name_or_path})" if _is_hub_id(name_or_path)
             else f"`{name_or_path}`" if name_or_path
             else f"a randomly initialised Mistral-architecture model (seed {cfg.model.init_seed}, "
-                 f"{_shape(run_dir / 'base')})")
+                 f"{_shape(run_dir.base)})")
     lines += [f"Trained with mistral_tune ({' -> '.join(['data', *[s['stage'] for s in stages], 'merge'])}) "
               f"from {base}.", ""]
 
@@ -101,11 +102,9 @@ def render(cfg: DictConfig, results: dict | None = None) -> str:
     for kind, per in files.items():
         for name, c in per.items():
             lines.append(f"| {kind} | {name} | {c['read']} | {c['kept']} | {c['rejected']} |")
-    for kind in ("sft", "dpo"):
-        if kind in report:
-            r = report[kind]
-            lines.append(f"\n{kind}: {r['kept']} rows used ({r['too_long']} dropped as too long), {r['tokens']} tokens"
-                         + (f", {r['trained_tokens']} trained" if "trained_tokens" in r else ""))
+    for kind, r in reports.items():
+        lines.append(f"\n{kind}: {r['kept']} rows used ({r['too_long']} dropped as too long), {r['tokens']} tokens"
+                     + (f", {r['trained_tokens']} trained" if "trained_tokens" in r else ""))
     lines += ["", "## Chat template", "",
               f"Mistral's `{template}` instruct format ({_template_note(template)}), token-exact to "
               "`mistral-common`; the tokenizer in this folder carries it as `chat_template`. "
@@ -138,14 +137,12 @@ def render(cfg: DictConfig, results: dict | None = None) -> str:
 
     lines += ["## Evaluation", ""]
     if results:
-        from mistral_tune.stages.evaluate import table
-
         lines += [f"Held-out data: {', '.join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files])} "
                   f"(at most {cfg.eval.max_samples} rows each). `task_score`: greedy answers exactly right; "
                   "`preference_accuracy`: the model gives the chosen reply a higher log-probability than the "
                   "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
                   "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
-                  "for SFT).", "", "```", table(results), "```", ""]
+                  "for SFT).", "", "```", results_table, "```", ""]
         last = list(results)[-1]
         samples = results[last].get("samples", [])
         if samples:
@@ -169,13 +166,13 @@ def render(cfg: DictConfig, results: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(cfg: DictConfig, results: dict | None = None) -> Path | None:
+def write_card(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> Path | None:
     """Write run_dir/merged/README.md (rank 0); None when there is no merged model."""
-    merged = runs.stage_dir(cfg, "merge")
+    merged = RunDir.of(cfg).merged
     if not (merged / "config.json").exists() or not runs.is_main_process():
         return None
     path = merged / "README.md"
-    runs.atomic_write_text(path, render(cfg, results))
+    runs.atomic_write_text(path, render(cfg, results, results_table))
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -10,27 +11,30 @@ import warnings
 from pathlib import Path
 
 from mistral_tune.errors import UserError
+from mistral_tune.runs import RunDir, is_main_process
 
 USAGE = """usage: mistral-tune <command> [key=value ...] [-m]
 
 Turn a Mistral base model into an instruct model. Commands:
-  data       build chat-templated, tokenized, masked datasets into run_dir/data
+  data       build chat-templated, tokenized, masked datasets into run_dir/data/<stage>
   sft        supervised fine-tuning (full, LoRA, QLoRA) into run_dir/sft
-  dpo        preference tuning from run_dir/sft into run_dir/dpo
+  dpo        preference tuning (from run_dir/sft by default) into run_dir/dpo
+  orpo       odds-ratio preference optimisation, no reference model, into run_dir/orpo
   merge      merge adapters into full-precision weights: run_dir/merged
-  eval       base, SFT and DPO side by side on held-out data: run_dir/eval, model card
+  eval       the base model and each trained stage side by side on held-out data: run_dir/eval
   push       upload run_dir/merged to the Hugging Face Hub (push.repo_id=org/name)
-  pipeline   data -> sft -> dpo -> merge (-> push)
+  pipeline   data -> stages (stages=[sft,dpo] by default; [orpo], [sft], ...) -> merge -> eval (-> push)
   tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
   plan       parameters, steps per epoch and per-GPU memory, without loading weights
 
 Overrides are Hydra's: run_dir=runs/x model=mistral_7b_v0_1 peft=lora sft.trainer.max_steps=10
 logger=none experiment=zephyr_7b_beta_qlora; -m sweeps (job k writes to run_dir/k).
+launcher=ddp|zero2|zero3|... runs each training command under accelerate launch.
 Show the composed config with: mistral-tune <command> --cfg
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-COMMANDS = ("data", "sft", "dpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
+COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
 log = logging.getLogger("mistral_tune")
 
 
@@ -66,28 +70,37 @@ def _setup_logging() -> None:
     hf_logging.set_verbosity_warning()
 
 
-def run_command(command: str, cfg, overrides: list[str]):
-    from mistral_tune.stages import data, dpo, evaluate, merge, pipeline, plan, push, sft
+COMMAND_MODULES = {"eval": "evaluate"}  # the command's stage module, where the names differ
 
-    if command == "plan":
-        return plan.run(cfg)
-    if command == "pipeline":
-        return pipeline.run(cfg, overrides)
+
+def run_command(command: str, cfg, overrides: list[str]):
+    """Run one command. The CLI, not the stages, builds the datasets a command needs, once, before
+    any launcher starts (so ranks never race to build them). Stage modules import torch and
+    transformers: they load here, once a command runs, so `--help` and config errors are instant."""
+    from mistral_tune.launch import train
+    from mistral_tune.stages import DATA_LAYOUT, data
+
     if command == "tokenizer":
         return write_tokenizer(cfg)
-    stage = {"data": data, "sft": sft, "dpo": dpo, "merge": merge, "push": push, "eval": evaluate}[command]
-    return stage.run(cfg)
+    if command in DATA_LAYOUT:
+        data.ensure(cfg, command)
+        train(cfg, command, overrides)
+        return RunDir.of(cfg).stage(command)
+    if command == "plan" and not any(cfg.plan[f"{s}_rows"] for s in ("sft", "dpo")):
+        for kind in cfg.stages:
+            if data.has_data(cfg, kind):
+                data.ensure(cfg, kind)
+    module = importlib.import_module(f"mistral_tune.stages.{COMMAND_MODULES.get(command, command)}")
+    return module.run(cfg, overrides) if command == "pipeline" else module.run(cfg)
 
 
 def write_tokenizer(cfg) -> Path:
-    """`mistral-tune tokenizer`: the HF tokenizer and chat template of the chosen template."""
-    from mistral_tune.stages.data import template_and_vocab
-    from mistral_tune.runs import is_main_process
-    from mistral_tune.formats.tokenizer import build_hf_tokenizer, save_tokenizer
+    """`mistral-tune tokenizer`: the HF tokenizer and chat template of the chosen format."""
+    from mistral_tune.formats.chat_format import ChatFormat
 
-    out = Path(cfg.run_dir) / "tokenizer"
+    out = RunDir.of(cfg).tokenizer
     if is_main_process():
-        save_tokenizer(build_hf_tokenizer(*template_and_vocab(cfg)), out)
+        ChatFormat.resolve(cfg).hf_tokenizer().save_pretrained(out)
     return out
 
 

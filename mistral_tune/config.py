@@ -51,7 +51,17 @@ def compose(overrides: list[str]) -> DictConfig:
         OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except Exception as err:  # Hydra and OmegaConf raise many types; all are user errors here
         raise UserError(explain_config_error(err)) from None
+    check_stages(list(cfg.stages))
     return cfg
+
+
+def check_stages(stages: list[str]) -> None:
+    from mistral_tune.stages import DATA_LAYOUT
+
+    unknown = [s for s in stages if s not in DATA_LAYOUT]
+    if unknown or not stages or len(set(stages)) != len(stages):
+        raise UserError(f"stages={stages}: give each training stage once, in order, from: {', '.join(DATA_LAYOUT)}"
+                        + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:

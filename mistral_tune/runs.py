@@ -1,7 +1,19 @@
 """The run folder: where each stage writes, its manifest, and which process may write.
 
-A stage writes `DIR/<stage>/config.yaml` (the resolved config) when it starts and
-`DIR/<stage>/manifest.json` last: a manifest means the stage finished. The next stage reads the
+`RunDir` owns every path of the layout; no other module joins paths under run_dir itself:
+
+    DIR/data/format.json        the chat format (template + vocabulary), fixed by the first data build
+    DIR/data/<stage>/           one build per training stage's dataset: dataset/, report.json,
+                                rejects.jsonl, length_histogram.png, config.yaml, manifest.json
+    DIR/tokenizer/              the HF tokenizer with the exact chat template used in training
+    DIR/base/                   the (tiny) base model when it is made here, not loaded from a path
+    DIR/<stage>/                each training stage's output (sft, dpo, orpo, pairs), eval
+    DIR/merged/                 the chat-ready merged model
+    DIR/wandb/                  W&B's (offline) run folders
+    DIR/.lock                   the process holding the run_dir
+
+A stage writes `<its folder>/config.yaml` (the resolved config) when it starts and
+`<its folder>/manifest.json` last: a manifest means the stage finished. The next stage reads the
 previous stage's manifest, never its Python objects.
 """
 
@@ -11,6 +23,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +59,61 @@ def wait_for_everyone() -> None:
 STAGE_FOLDERS = {"merge": "merged"}  # the contract names the merged checkpoint's folder `merged`
 
 
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of a run folder (see the module docstring for the layout)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunDir:
+        return cls(Path(cfg.run_dir))
+
+    def stage(self, stage: str) -> Path:
+        """A stage's folder: `sft`, `dpo`, `orpo`, `pairs`, `merge` (-> merged), `eval`, or a data
+        build `data/<stage>`."""
+        return self.root / STAGE_FOLDERS.get(stage, stage)
+
+    def data(self, stage: str) -> Path:
+        """The folder of the dataset built for a training stage."""
+        return self.stage(data_stage(stage))
+
+    def dataset(self, stage: str) -> Path:
+        """The tokenized dataset (datasets.save_to_disk) a training stage trains on."""
+        return self.data(stage) / "dataset"
+
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def chat_format(self) -> Path:
+        return self.data_root / "format.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def merged(self) -> Path:
+        return self.stage("merge")
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+def data_stage(stage: str) -> str:
+    """The name of the data build of a training stage (its manifest lives in DIR/data/<stage>)."""
+    return f"data/{stage}"
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) / STAGE_FOLDERS.get(stage, stage)
+    return RunDir.of(cfg).stage(stage)
 
 
 def check_writable(run_dir: str) -> None:
@@ -77,26 +143,29 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def stage_config(cfg: DictConfig, stage: str) -> dict:
-    """The part of the config that decides a stage's output (for skip/resume decisions)."""
+    """The part of the config that decides a stage's output (for skip/resume decisions). A
+    training stage depends on the model, format, PEFT and its own node (`sft`, `dpo`, `orpo`); a
+    data build `data/<stage>` on the cleaning settings and that stage's `data` node alone, so
+    giving DPO new data never invalidates the SFT data."""
     full = to_container(cfg)
-    paths = {
-        "data": ["template", "data", "sft.data", "dpo.data", "model.default_template", "seed"],
-        "sft": ["model", "template", "peft", "sft", "seed"],
-        "dpo": ["model", "template", "peft", "dpo", "seed"],
-        "merge": ["merge"],
-        "push": ["push"],
-        "eval": ["eval", "template", "dpo.trainer.beta"],
-    }[stage]
+    if stage.startswith("data/"):
+        paths = ["template", "data", f"{stage.split('/', 1)[1]}.data", "model.default_template", "seed"]
+    else:
+        paths = {
+            "merge": ["merge"],
+            "push": ["push"],
+            "eval": ["eval", "template", "dpo.trainer.beta"],
+        }.get(stage, ["model", "template", "peft", stage, "seed"])
     picked = {}
     for path in paths:
         node = full
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         picked[path] = node
-    for k in ("sft", "dpo"):  # logging and checkpoint cadence do not change the result
-        trainer = (picked.get(k) or {}).get("trainer")
-        if trainer:
-            picked[k]["trainer"] = {n: v for n, v in trainer.items() if not n.startswith(("logging_", "save_"))}
+    for node in picked.values():  # logging and checkpoint cadence do not change the result
+        trainer = node.get("trainer") if isinstance(node, dict) else None
+        if isinstance(trainer, dict):
+            node["trainer"] = {n: v for n, v in trainer.items() if not n.startswith(("logging_", "save_"))}
     return picked
 
 
@@ -146,6 +215,16 @@ def finish_stage(cfg: DictConfig, stage: str, payload: dict, inputs: dict | None
     if is_main_process():
         write_json(stage_dir(cfg, stage) / MANIFEST, manifest)
     return manifest
+
+
+def previous_stage(cfg: DictConfig, stage: str) -> str | None:
+    """The training stage before `stage` in `stages=[...]`, None for the first."""
+    order = list(cfg.stages)
+    if stage not in order:
+        raise UserError(f"{stage} is not in stages={order}",
+                        hint=f"list it where it belongs, e.g. stages=[{stage}] or stages=[sft,{stage}]")
+    i = order.index(stage)
+    return order[i - 1] if i else None
 
 
 def require_manifest(cfg: DictConfig, stage: str, needed_by: str) -> dict:

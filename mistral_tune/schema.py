@@ -163,7 +163,6 @@ class SFTStage:
 
 @dataclass
 class DPOStage:
-    enabled: bool = True  # the pipeline skips DPO when false
     data: StageData = field(default_factory=StageData)
     trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
 
@@ -220,7 +219,8 @@ class EvalConfig:
     files: list[str] = field(default_factory=list)
     # Held-out preference pairs (any preference format): preference accuracy and reward margin.
     pref_files: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])  # those present are evaluated
+    # Models to evaluate, those present in run_dir: null = base and every stage in stages=[...].
+    models: Optional[list[str]] = None
     max_samples: int = 100  # at most this many chats and pairs per model (each a fraction of the files)
     max_new_tokens: int = 16  # greedy generation length; the longest bundled answer is 15 tokens with EOS
     batch_size: int = 32  # sequences per forward pass (generation batches are left-padded)
@@ -253,6 +253,9 @@ class Config:
     run_dir: str = "runs/default"  # everything a run writes; never a timestamp (ranks must agree)
     seed: int = 42
     force: bool = False  # re-run a completed stage whose recorded config differs
+    # The training stages, in order: each starts from the model the one before it left (the first
+    # from the base model); merge takes the last. [sft], [sft, dpo], [orpo], [sft, orpo], ...
+    stages: list[str] = field(default_factory=lambda: ["sft", "dpo"])
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -14,19 +14,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mistral_tune.stages import DATA_LAYOUT
+
 from mistral_tune import runs
 from mistral_tune.errors import UserError
-
-DEFAULT_OBJECTIVE = {"sft": "sft/train_loss", "dpo": "dpo/train_loss"}
-
 
 def objective_name(cfg: DictConfig, command: str) -> str | None:
     if cfg.sweep.objective:
         return cfg.sweep.objective
-    if command in DEFAULT_OBJECTIVE:
-        return DEFAULT_OBJECTIVE[command]
+    if command in DATA_LAYOUT:  # a training command: its own train loss
+        return f"{command}/train_loss"
     if command in ("pipeline", "eval"):
-        last = [m for m in cfg.eval.models if m != "dpo" or cfg.dpo.enabled][-1]
+        last = (cfg.eval.models or ["base", *cfg.stages])[-1]
         return f"eval/{last}/task_score"
     return None
 

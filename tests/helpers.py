@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
@@ -82,4 +85,13 @@ def wandb_run_summary(path) -> dict:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return out
+
+
+def data_reports(run_dir) -> dict:
+    """The run's data builds as one dict: {"template", "vocab", <stage>: report.json of data/<stage>}."""
+    data_root = Path(run_dir) / "data"
+    out = json.loads((data_root / "format.json").read_text())
+    for report in sorted(data_root.glob("*/report.json")):
+        out[report.parent.name] = json.loads(report.read_text())
     return out

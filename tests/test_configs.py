@@ -21,7 +21,8 @@ from trl import DPOConfig, SFTConfig
 from mistral_tune.cli import _strip_launcher_args
 from mistral_tune.config import CONFIG_DIR, compose, trainer_kwargs
 from mistral_tune.errors import UserError
-from mistral_tune.training.modeling import lora_config, resolve_template
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.training.modeling import lora_config
 from mistral_tune.schema import OWNED_TRAINER_FIELDS
 from mistral_tune.formats.templates import ALL_TEMPLATES
 from mistral_tune.training.trainers import trl_args
@@ -107,7 +108,7 @@ def build_all(cfg, out: Path) -> dict:
                 assert getattr(built, key) == value, f"{stage}.trainer.{key}"
         assert built.output_dir == str(out / stage) and built.report_to == []
     lora_config(cfg)  # peft.* must be valid LoraConfig arguments whatever the method
-    assert resolve_template(cfg) in ALL_TEMPLATES
+    assert ChatFormat.resolve(cfg).template in ALL_TEMPLATES
     return args
 
 

@@ -28,6 +28,7 @@ from mistral_tune.config import compose
 from mistral_tune.errors import UserError
 from mistral_tune.formats.templates import TEMPLATES, TEXT_TEMPLATES, mistral_tokenizer_file
 from mistral_tune.formats.tokenizer import load_tokenizer
+from tests.helpers import data_reports
 
 N = 300
 CONTROL = ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]")
@@ -78,7 +79,7 @@ def write_jsonl(path, rows):
 def build(tmp_path, *overrides):
     cfg = compose([f"run_dir={tmp_path / 'run'}", "logger=none", *overrides])
     out = data.run(cfg)
-    return out, json.loads((out / "report.json").read_text())
+    return out, data_reports(out.parent)
 
 
 # --- templates through the data stage --------------------------------------------------------
@@ -98,7 +99,7 @@ def test_built_data_matches_mistral_common_and_the_exported_template(tmp_path, t
                         "sft.data.max_length=100000", "dpo.data.max_length=100000")
     assert report["sft"]["kept"] == len(chats) and report["dpo"]["kept"] == len(pairs)
     tok = load_tokenizer(out.parent / "tokenizer")
-    built = load_from_disk(str(out / "sft"))
+    built = load_from_disk(str(out / "sft" / "dataset"))
     exact_jinja = 0
     for messages, row in zip(chats, built, strict=True):
         assert row["input_ids"] == mistral_common_ids(messages, template), messages
@@ -107,7 +108,7 @@ def test_built_data_matches_mistral_common_and_the_exported_template(tmp_path, t
             assert hf["input_ids"] == row["input_ids"] and hf["assistant_masks"] == row["assistant_masks"]
             exact_jinja += 1
     assert N // 4 < exact_jinja < N  # both kinds of content were built
-    for pair, row in zip(pairs, load_from_disk(str(out / "dpo")), strict=True):
+    for pair, row in zip(pairs, load_from_disk(str(out / "dpo" / "dataset")), strict=True):
         assert row["prompt_ids"] == mistral_common_ids(pair["prompt"], template, ValidationMode.test)
         for name in ("chosen", "rejected"):
             full = mistral_common_ids(pair["prompt"] + pair[name], template)
@@ -128,7 +129,7 @@ def test_chatml_and_zephyr_built_data_match_the_exported_template(tmp_path, temp
     assert report["vocab"] == ("mistral_v1" if model == "tiny" else "mistral_v3")
     tok = load_tokenizer(out.parent / "tokenizer")
     assert len(tok) == (32000 if model == "tiny" else 32768)
-    for messages, row in zip(chats, load_from_disk(str(out / "sft")), strict=True):
+    for messages, row in zip(chats, load_from_disk(str(out / "sft" / "dataset")), strict=True):
         hf = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
         assert hf["input_ids"] == row["input_ids"] and hf["assistant_masks"] == row["assistant_masks"]
         assert row["input_ids"][-1] == tok.eos_token_id and row["assistant_masks"][-1] == 1
@@ -150,13 +151,13 @@ def test_mixture_weights_are_deterministic_and_counted(tmp_path):
     sft = report["sft"]
     assert sft["per_source"][str(a)] | {} == {"read": 40, "kept": 40, "rejected": 0, "deduplicated": 0,
                                               "decontaminated": 0, "too_long": 0, "weight": 0.25, "examples": 10}
-    assert sft["per_source"][str(b)]["examples"] == 25 and sft["examples"] == len(load_from_disk(str(out / "sft"))) == 35
-    first = [r["input_ids"] for r in load_from_disk(str(out / "sft"))]
+    assert sft["per_source"][str(b)]["examples"] == 25 and sft["examples"] == len(load_from_disk(str(out / "sft" / "dataset"))) == 35
+    first = [r["input_ids"] for r in load_from_disk(str(out / "sft" / "dataset"))]
     # the same seed gives the same mixture; another seed another subset
     _, _ = build(tmp_path / "again", "sft.data.files=[]", mixture, "dpo.data.files=[]")
-    assert [r["input_ids"] for r in load_from_disk(str(tmp_path / "again" / "run" / "data" / "sft"))] == first
+    assert [r["input_ids"] for r in load_from_disk(str(tmp_path / "again" / "run" / "data" / "sft" / "dataset"))] == first
     build(tmp_path / "seed", "sft.data.files=[]", mixture, "dpo.data.files=[]", "seed=1")
-    assert [r["input_ids"] for r in load_from_disk(str(tmp_path / "seed" / "run" / "data" / "sft"))] != first
+    assert [r["input_ids"] for r in load_from_disk(str(tmp_path / "seed" / "run" / "data" / "sft" / "dataset"))] != first
 
 
 def test_files_and_sources_together_is_an_error(tmp_path):
@@ -228,7 +229,7 @@ def test_dedup_and_decontamination_are_counted_per_source_and_rejected_with_reas
     assert (per[str(b)]["decontaminated"], per[str(b)]["deduplicated"], per[str(b)]["kept"]) == (1, 3, 0)
     for counts in [report["sft"], *per.values()]:
         assert counts["read"] == sum(counts[k] for k in ("kept", "rejected", "deduplicated", "decontaminated", "too_long"))
-    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (out / "sft" / "rejects.jsonl").read_text().splitlines()]
     reasons = {(r["file"], r["row"]): r["reason"] for r in rejects}
     assert reasons[(str(b), 1)] == f"duplicate of {a}, line 6"
     assert reasons[(str(b), 3)] == f"near duplicate (Jaccard 0.88) of {a}, line 21"  # 37 of 42 5-grams shared
@@ -258,7 +259,7 @@ def test_report_statistics_and_histogram(tmp_path):
     assert set(sft["length"]) == {"min", "mean", "median", "p95", "max"}
     assert 0 < sft["trained_fraction"] < 1 and sft["trained_tokens"] < sft["tokens"]
     assert 0 < dpo["trained_fraction"] < 1 and dpo["prompt_length"]["max"] > 0
-    png = (out / report["histogram"]).read_bytes()
+    png = (out / "sft" / sft["histogram"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
 
 
@@ -360,9 +361,9 @@ def test_malformed_files_give_a_clean_reject_or_error(tmp_path, capsys, on_error
             message = err.split("error: ", 1)[1]
             assert str(path) in message or "no usable rows" in message, message
             continue
-        report = json.loads((run / "data" / "report.json").read_text())[kind]
+        report = data_reports(run)[kind]
         assert report["read"] == report["kept"] + report["rejected"] + report["too_long"]
-        for line in (run / "data" / "rejects.jsonl").read_text().splitlines():
+        for line in (run / "data" / kind / "rejects.jsonl").read_text().splitlines():
             reject = json.loads(line)
             assert reject["file"] == str(path) and reject["row"] >= 1 and reject["field"] and reject["reason"]
     assert outcomes[2] > 0 and (on_error == "raise" or outcomes[0] > 0)

@@ -62,7 +62,7 @@ def test_rewards_are_dpo_implicit_rewards_against_the_previous_stage():
              "sft": [(-6.0, 3), (-9.0, 3), (-7.0, 3), (-5.0, 3)],
              "dpo": [(-5.0, 3), (-12.0, 3), (-6.0, 3), (-6.0, 3)]}
     results = {k: {} for k in logps}
-    evaluate.add_rewards(results, logps, beta=0.1)
+    evaluate.add_rewards(results, logps, beta=0.1, reference={"sft": "base", "dpo": "sft"})
     # dpo vs sft: pair 1: 0.1*((-5+6) - (-12+9)) = 0.4; pair 2: 0.1*((-6+7) - (-6+5)) = 0.2
     assert results["dpo"]["reward_margin"] == pytest.approx(0.3) and results["dpo"]["reward_accuracy"] == 1.0
     # sft vs base: pair 1: 0.1*(4 - 1) = 0.3; pair 2: 0.1*(1 - 4) = -0.3

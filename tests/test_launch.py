@@ -177,7 +177,7 @@ def _manifest(run_dir: Path, folder: str) -> dict:
 
 def _assert_one_writer(run_dir: Path, folders: set[str]) -> None:
     """Exactly the stage folders, one config.yaml each, and nothing a second rank left behind."""
-    extra = {p.name for p in run_dir.iterdir()} - folders - {"base", "tokenizer", "wandb"}
+    extra = {p.name for p in run_dir.iterdir()} - {f.split("/")[0] for f in folders} - {"base", "tokenizer", "wandb"}
     assert not extra, f"unexpected entries in run_dir (per-rank duplicates?): {sorted(extra)}"
     configs = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("config.yaml")
                      if "wandb" not in p.relative_to(run_dir).parts)
@@ -227,7 +227,7 @@ def test_ddp_sft_dpo_merge_two_processes(tmp_path, one_process_sft):
     launch("ddp", "dpo", run_dir, "logger=wandb", env=wandb)
     launch("ddp", "merge", run_dir, "logger=none")
 
-    for folder in ("data", "sft", "dpo", "merged"):
+    for folder in ("data/sft", "data/dpo", "sft", "dpo", "merged"):
         _manifest(run_dir, folder)
     _assert_same_weights(one_process_sft, run_dir / "sft")
     assert _manifest(run_dir, "sft")["metrics"]["global_step"] == 3
@@ -235,7 +235,7 @@ def test_ddp_sft_dpo_merge_two_processes(tmp_path, one_process_sft):
     assert _manifest(run_dir, "merged")["from"] == "dpo"
     _assert_two_ranks_trained(run_dir / "sft")
     _assert_two_ranks_trained(run_dir / "dpo")
-    _assert_one_writer(run_dir, {"data", "sft", "dpo", "merged"})
+    _assert_one_writer(run_dir, {"data/sft", "data/dpo", "sft", "dpo", "merged"})
     # One W&B run per stage, from rank 0 only, under run_dir/wandb.
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, [r.name for r in runs]
@@ -259,7 +259,7 @@ def test_deepspeed_zero2_sft_on_two_processes(tmp_path, one_process_sft):
     _manifest(run_dir, "sft")
     _assert_same_weights(one_process_sft, run_dir / "sft")
     _assert_two_ranks_trained(run_dir / "sft")
-    _assert_one_writer(run_dir, {"data", "sft"})
+    _assert_one_writer(run_dir, {"data/sft", "sft"})
     ds_config = _deepspeed_config(run_dir / "sft")
     assert ds_config["zero_optimization"]["stage"] == 2
 
@@ -278,7 +278,7 @@ def test_deepspeed_zero3_sft_dpo_saves_consolidated_weights(tmp_path, one_proces
         _assert_two_ranks_trained(run_dir / stage)
         ds_config = _deepspeed_config(run_dir / stage)
         assert ds_config["zero_optimization"]["stage"] == 3
-    _assert_one_writer(run_dir, {"data", "sft", "dpo"})
+    _assert_one_writer(run_dir, {"data/sft", "data/dpo", "sft", "dpo"})
 
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -297,7 +297,7 @@ def test_deepspeed_zero3_offload_sft_on_two_processes(tmp_path, one_process_sft)
     launch("zero3_offload", "sft", run_dir, "logger=none")
     _assert_same_weights(one_process_sft, run_dir / "sft")  # measured 1.1e-6
     _assert_two_ranks_trained(run_dir / "sft")
-    _assert_one_writer(run_dir, {"data", "sft"})
+    _assert_one_writer(run_dir, {"data/sft", "sft"})
     zero = _deepspeed_config(run_dir / "sft")["zero_optimization"]
     assert (zero["stage"], zero["offload_optimizer"]["device"], zero["offload_param"]["device"]) == (3, "cpu", "cpu")
 
@@ -365,7 +365,7 @@ def test_pipeline_under_zero3_lora_with_checkpointing(zero3_lora_pipeline):
     import torch
     from safetensors.torch import load_file
 
-    _assert_one_writer(run_dir, {"data", "sft", "dpo", "merged", "eval"})
+    _assert_one_writer(run_dir, {"data/sft", "data/dpo", "sft", "dpo", "merged", "eval"})
     for stage, steps in (("sft", 6), ("dpo", 3)):
         manifest = _manifest(run_dir, stage)
         assert (manifest["method"], manifest["metrics"]["global_step"]) == ("lora", steps)

@@ -45,7 +45,7 @@ def lora_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pipeline_writes_every_stage(full_run):
-    for folder in ("data", "sft", "dpo", "merged"):
+    for folder in ("data/sft", "data/dpo", "sft", "dpo", "merged"):
         assert (full_run / folder / "manifest.json").exists(), folder
         assert (full_run / folder / "config.yaml").exists(), folder
     for stage in ("sft", "dpo"):
@@ -53,8 +53,8 @@ def test_pipeline_writes_every_stage(full_run):
         assert metrics["tokens"] > 0 and metrics["train_runtime"] > 0 and metrics["tokens_per_second"] > 0
     assert manifest(full_run, "sft")["method"] == "none"  # the tiny model trains fully
     assert manifest(full_run, "dpo")["model"] == {"base": str(full_run / "dpo"), "adapters": []}
-    report = json.loads((full_run / "data" / "report.json").read_text())
-    assert report["sft"]["kept"] == 64 and report["sft"]["trained_tokens"] > 0
+    report = json.loads((full_run / "data" / "sft" / "report.json").read_text())
+    assert report["kept"] == 64 and report["trained_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -73,8 +73,11 @@ def test_zero3_memory_shards_with_gpus_and_warns_when_it_cannot_fit(tmp_path, gp
         assert "will not fit" in text
 
 
-def test_plan_reads_the_built_data(tmp_path):
+def test_plan_reads_the_built_data(tmp_path, capsys):
+    from mistral_tune.cli import run_command
+
     cfg = compose([f"run_dir={tmp_path}", "sft.data.limit=40", "dpo.data.limit=20"])
+    run_command("plan", cfg, [])  # the CLI builds the data the plan counts
+    assert (tmp_path / "data" / "sft" / "report.json").exists() and (tmp_path / "data" / "dpo" / "report.json").exists()
     p = plan.build_plan(cfg)
     assert p["stages"]["sft"]["steps"]["rows"] == 40 and p["stages"]["dpo"]["steps"]["rows"] == 20
-    assert (tmp_path / "data" / "report.json").exists()

@@ -11,6 +11,7 @@ import torch
 
 from mistral_tune.stages import merge
 from mistral_tune.config import compose
+from mistral_tune.formats.chat_format import ChatFormat
 from tests.helpers import tiny_mistral
 
 
@@ -33,7 +34,7 @@ def test_bad_row_is_a_clear_error_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "mine.jsonl, line 2" in proc.stderr and "data.on_error=skip" in proc.stderr
-    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+    assert not (tmp_path / "run" / "data" / "sft" / "manifest.json").exists()
 
 
 def test_skip_mode_accounts_for_every_row(tmp_path):
@@ -43,9 +44,9 @@ def test_skip_mode_accounts_for_every_row(tmp_path):
     proc = cli("data", f"run_dir={run}", f"sft.data.files=[{f}]", "dpo.data.files=[]", "data.on_error=skip",
                "sft.data.max_length=64")
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((run / "data" / "report.json").read_text())["sft"]
+    report = json.loads((run / "data" / "sft" / "report.json").read_text())
     assert (report["read"], report["kept"], report["rejected"], report["too_long"]) == (5, 2, 2, 1)
-    rejects = [json.loads(line) for line in (run / "data" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (run / "data" / "sft" / "rejects.jsonl").read_text().splitlines()]
     reasons = sorted(r["reason"] for r in rejects)
     assert len(rejects) == 3 and any("max_length" in r for r in reasons) and any("role" in r for r in reasons)
 
@@ -54,12 +55,14 @@ def test_changed_tokenizer_or_template_never_reuses_the_build(tmp_path):
     run = tmp_path / "run"
     args = [f"run_dir={run}", "sft.data.limit=8", "dpo.data.limit=8"]
     assert cli("data", *args).returncode == 0
-    v1 = json.loads((run / "data" / "manifest.json").read_text())
-    proc = cli("data", *args, "template=mistral_v3")
-    assert proc.returncode == 2 and "different config" in proc.stderr
+    v1 = json.loads((run / "data" / "sft" / "manifest.json").read_text())
+    proc = cli("data", *args, "template=mistral_v3")  # one run_dir, one chat format
+    assert proc.returncode == 2 and "was built with template mistral_v1" in proc.stderr
     assert cli("data", *args, "template=mistral_v3", "force=true").returncode == 0
-    v3 = json.loads((run / "data" / "manifest.json").read_text())
-    assert v3["template"] == "mistral_v3" and v3["fingerprint"] != v1["fingerprint"]
+    for kind in ("sft", "dpo"):
+        v3 = json.loads((run / "data" / kind / "manifest.json").read_text())
+        assert v3["format"]["template"] == "mistral_v3" and v3["fingerprint"] != v1["fingerprint"]
+    assert json.loads((run / "data" / "format.json").read_text()) == {"template": "mistral_v3", "vocab": "mistral_v3"}
 
 
 def test_zero_trained_tokens_is_an_error(tmp_path, monkeypatch):
@@ -79,7 +82,7 @@ def test_zero_trained_tokens_is_an_error(tmp_path, monkeypatch):
 def test_merge_check_fails_on_a_wrong_merge():
     """The probe check is what stops a bad merge from being marked complete: it must fire."""
     model = tiny_mistral(vocab_size=32000)
-    batch = merge.probe_batch("mistral_v1")
+    batch = merge.probe_batch(ChatFormat("mistral_v1", "mistral_v1"))
     expected = merge.logits(model, batch)
     assert merge.verify_merge(expected, model, batch, atol=1e-5) == 0.0
     with torch.no_grad():
@@ -100,8 +103,8 @@ def test_tiny_default_window_is_shorter_than_the_training_rows(tmp_path):
     from mistral_tune.stages import data
 
     data.run(cfg)
-    report = json.loads((tmp_path / "data" / "report.json").read_text())
-    assert report["sft"]["length"]["max"] > cfg.model.config.sliding_window
+    report = json.loads((tmp_path / "data" / "sft" / "report.json").read_text())
+    assert report["length"]["max"] > cfg.model.config.sliding_window
 
 
 def test_model_config_fields_are_overridable(tmp_path):

@@ -1,11 +1,17 @@
 """The `data` stage: sources -> validated rows -> cleaned, templated, tokenized, masked examples.
 
-Writes run_dir/data/{sft,dpo} (datasets.save_to_disk; SFT rows carry `input_ids` and
+One build per training stage's dataset, each keyed on its own inputs: run_dir/data/<stage>/
+(`sft`, `dpo`, `orpo`) holds dataset/ (datasets.save_to_disk; chat rows carry `input_ids` and
 `assistant_masks`, preference rows `prompt_ids`, `chosen_ids`, `rejected_ids`, TRL's names),
 report.json that accounts for every input row, rejects.jsonl (every row not used, with its
-reason), length_histogram.png, and run_dir/tokenizer.
+reason), length_histogram.png, config.yaml and manifest.json. Giving one stage new data rebuilds
+that stage's data alone. The first build fixes the run's chat format (run_dir/data/format.json)
+and writes run_dir/tokenizer; later builds must agree with it.
 
-Per stage, in order: each source is read and validated (rejected), rows past `limit` are not
+The CLI builds what a command needs before the command runs (`ensure`); the `data` command
+builds the data of every stage in `stages=[...]` that has data configured.
+
+Per dataset, in order: each source is read and validated (rejected), rows past `limit` are not
 read, rows overlapping evaluation prompts are dropped (decontaminated), then duplicates of
 earlier rows (deduplicated), then rows over max_length tokens (too_long). Per stage and per
 source: kept + rejected + deduplicated + decontaminated + too_long = read. The mixture then
@@ -21,16 +27,20 @@ import logging
 import random
 import shutil
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mistral_tune.datasets import cleaning, sources
 from mistral_tune import runs
-from mistral_tune.formats import templates, tokenizer as hf_tokenizer
+from mistral_tune.datasets import cleaning, sources
 from mistral_tune.errors import UserError
-from mistral_tune.training.modeling import resolve_template
-from mistral_tune.formats.tokenizer import build_hf_tokenizer
+from mistral_tune.formats import templates
+from mistral_tune.formats import tokenizer as hf_tokenizer
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.runs import RunDir
+from mistral_tune.stages import DATA_LAYOUT
 
 log = logging.getLogger("mistral_tune")
 
@@ -44,19 +54,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def template_and_vocab(cfg: DictConfig) -> tuple[str, str | None]:
-    """The chat format, and for chatml/zephyr the Mistral format whose vocabulary they use
-    (the model's own: mistral_v1 for v0.1, mistral_v3 for v0.3)."""
-    template = resolve_template(cfg)
-    if template not in templates.ALL_TEMPLATES:
-        raise UserError(f"template={template!r} is not one of {', '.join(templates.ALL_TEMPLATES)}")
-    vocab = cfg.model.default_template if template in templates.TEXT_TEMPLATES else None
-    if vocab is not None and vocab not in templates.TEMPLATES:
-        raise UserError(f"{template} needs a Mistral vocabulary: model.default_template={vocab!r} is not one of "
-                        f"{', '.join(templates.TEMPLATES)}")
-    return template, vocab
 
 
 def stage_sources(cfg: DictConfig, kind: str) -> list[sources.Source]:
@@ -80,26 +77,26 @@ def stage_sources(cfg: DictConfig, kind: str) -> list[sources.Source]:
     return out
 
 
-def cache_inputs(cfg: DictConfig, template: str, vocab: str | None = None) -> dict:
+def cache_inputs(cfg: DictConfig, kind: str, fmt: ChatFormat) -> dict:
     """What the built data depends on, by content: data file bytes (Hub datasets: their datasets
     fingerprint), the tokenizer file, the template and Jinja code, and the cleaning settings. A
     changed tokenizer or template can never reuse a stale build (a Mistral run once reused
     another tokenizer's cache and trained at loss ~10)."""
     files, hub, weighted = {}, {}, False
-    for kind in ("sft", "dpo"):
-        for src in stage_sources(cfg, kind):
-            weighted |= src.weight != 1.0
-            if src.is_hub:
-                hub[src.label] = sources.load_hub_dataset(src)._fingerprint
-            else:
-                for path in sources.expand_files([src.path]):
-                    files[str(path)] = _file_digest(path)
+    for src in stage_sources(cfg, kind):
+        weighted |= src.weight != 1.0
+        if src.is_hub:
+            hub[src.label] = sources.load_hub_dataset(src)._fingerprint
+        else:
+            for path in sources.expand_files([src.path]):
+                files[str(path)] = _file_digest(path)
     decontaminate = cfg.data.decontaminate
     code = inspect.getsource(templates) + inspect.getsource(hf_tokenizer)
     return {
         "files": files,
         "hub": hub,
-        "tokenizer": _file_digest(templates.mistral_tokenizer_file(template, vocab)),
+        "format": asdict(fmt),
+        "tokenizer": _file_digest(fmt.tokenizer_file()),
         "template_code": hashlib.sha256(code.encode()).hexdigest(),
         "cleaning": {
             "dedup": cfg.data.dedup,
@@ -125,14 +122,11 @@ def _length_stats(lengths: list[int]) -> dict:
     }
 
 
-def encode_row(row: dict, kind: str, template: str, vocab: str | None, train_on: str) -> dict:
-    by_vocab = {"vocab": vocab} if vocab else {}  # Mistral formats have their own vocabulary
-    if kind == "sft":
-        enc = templates.encode_chat(row["messages"], template, train_on=train_on, **by_vocab)
+def encode_row(row: dict, layout: str, fmt: ChatFormat, train_on: str) -> dict:
+    if layout == "sft":
+        enc = fmt.encode_chat(row["messages"], train_on=train_on)
         return {"input_ids": enc.input_ids, "assistant_masks": enc.assistant_masks}
-    prompt_ids, chosen_ids, rejected_ids = templates.encode_preference(
-        row["prompt"], row["chosen"], row["rejected"], template, **by_vocab
-    )
+    prompt_ids, chosen_ids, rejected_ids = fmt.encode_preference(row["prompt"], row["chosen"], row["rejected"])
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
 
@@ -149,15 +143,16 @@ def mix(pool: list, weight: float, rng: random.Random) -> list:
     return pool * whole + [pool[i] for i in extra]
 
 
-def build_stage(cfg: DictConfig, kind: str, template: str, vocab: str | None,
+def build_stage(cfg: DictConfig, kind: str, fmt: ChatFormat,
                 decontaminator: cleaning.Decontaminator) -> tuple[list[dict], dict, list]:
-    """(examples, report, rejects) of one stage, every row read accounted for."""
+    """(examples, report, rejects) of one stage's dataset, every row read accounted for."""
     stage = cfg[kind].data
+    layout = DATA_LAYOUT[kind]
     dedup = cleaning.Deduplicator(cfg.data.dedup, cfg.data.near_dup_threshold)
     budget = stage.limit
     examples, rejects, per_source, per_file = [], [], {}, {}
     for index, src in enumerate(stage_sources(cfg, kind)):
-        result = sources.load_source(src, kind, on_error=cfg.data.on_error, fmt=stage.format)
+        result = sources.load_source(src, layout, on_error=cfg.data.on_error, fmt=stage.format)
         rows = list(zip(result.rows, result.origins))
         if budget is not None:  # rows past the limit are never used, so not counted as read
             rows, budget = rows[:budget], max(0, budget - len(rows))
@@ -166,20 +161,20 @@ def build_stage(cfg: DictConfig, kind: str, template: str, vocab: str | None,
         rejects += result.rejects
         pool = []
         for row, (file, row_no, word) in rows:
-            text = cleaning.row_text(row, kind)
+            text = cleaning.row_text(row, layout)
             reason = decontaminator.check(text)
             counter = "decontaminated"
             if reason is None:
                 reason, counter = dedup.check(text, f"{file}, {word} {row_no}"), "deduplicated"
             if reason is None:
                 try:
-                    example = encode_row(row, kind, template, vocab, cfg.template.train_on)
+                    example = encode_row(row, layout, fmt, cfg.template.train_on)
                 except ValueError as err:  # a row that validation let through but the format cannot hold
                     if cfg.data.on_error == "raise":
-                        raise UserError(f"{file}, {word} {row_no}: cannot encode with {template}: {err}",
+                        raise UserError(f"{file}, {word} {row_no}: cannot encode with {fmt.template}: {err}",
                                         hint=sources.SKIP_HINT) from None
                     counts["rejected"] += 1
-                    rejects.append(sources.Reject(file, row_no, "<row>", f"cannot encode with {template}: {err}", row))
+                    rejects.append(sources.Reject(file, row_no, "<row>", f"cannot encode with {fmt.template}: {err}", row))
                     continue
                 length = example_length(example)
                 if length <= stage.max_length:
@@ -199,7 +194,7 @@ def build_stage(cfg: DictConfig, kind: str, template: str, vocab: str | None,
                         f"(see the rejects above, or the report's counts)")
     report = {k: sum(c[k] for c in per_source.values()) for k in COUNTS}
     report.update(examples=len(examples), per_source=per_source, per_file=per_file)
-    report.update(_token_stats(kind, examples))
+    report.update(_token_stats(layout, examples))
     for counts in [report, *per_source.values()]:
         assert counts["read"] == sum(counts[k] for k in COUNTS[1:]), counts  # nothing dropped silently
     return examples, report, rejects
@@ -237,20 +232,19 @@ def _save(examples: list[dict], out: Path) -> None:
     tmp.rename(out)
 
 
-def write_histogram(lengths: dict[str, list[int]], max_lengths: dict[str, int], path: Path) -> None:
-    """One panel per stage: examples per token length, with the max_length cut-off."""
+def write_histogram(kind: str, lengths: list[int], max_length: int, path: Path) -> None:
+    """Examples per token length, with the max_length cut-off."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.5), squeeze=False)
-    for ax, (kind, values) in zip(axes[0], lengths.items()):
-        ax.hist(values, bins=min(50, max(1, len(set(values)))), color="#4c72b0")
-        ax.axvline(max_lengths[kind], color="#c44e52", linestyle="--", label=f"max_length {max_lengths[kind]}")
-        what = "prompt + longer completion" if kind == "dpo" else "input_ids"
-        ax.set(title=f"{kind}: {len(values)} examples", xlabel=f"tokens ({what})", ylabel="examples")
-        ax.legend(loc="upper right")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(lengths, bins=min(50, max(1, len(set(lengths)))), color="#4c72b0")
+    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length {max_length}")
+    what = "prompt + longer completion" if DATA_LAYOUT[kind] == "dpo" else "input_ids"
+    ax.set(title=f"{kind}: {len(lengths)} examples", xlabel=f"tokens ({what})", ylabel="examples")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=80)
@@ -276,52 +270,80 @@ def show_examples(examples: list[dict], tokenizer, n: int) -> None:
         print("-" * 40)
 
 
+def has_data(cfg: DictConfig, kind: str) -> bool:
+    return bool(cfg[kind].data.files or cfg[kind].data.sources)
+
+
 def run(cfg: DictConfig) -> Path:
-    """Build on rank 0 (unless a build of the same inputs is there); other ranks wait for it."""
-    out = Path(cfg.run_dir) / "data"
+    """`mistral-tune data`: the datasets of every stage in `stages=[...]` that has data configured."""
+    kinds = [k for k in cfg.stages if has_data(cfg, k)]
+    if not kinds:
+        raise UserError(f"data: none of stages={list(cfg.stages)} has data files or sources configured")
+    for kind in kinds:
+        ensure(cfg, kind)
+    return RunDir.of(cfg).data_root
+
+
+def ensure(cfg: DictConfig, kind: str) -> dict:
+    """The manifest of `kind`'s dataset, built first on rank 0 unless a build of the same inputs
+    is there; other ranks wait for it."""
     if runs.is_main_process():
-        build(cfg, out)
+        build(cfg, kind)
     runs.wait_for_everyone()
-    return out
+    return runs.require_manifest(cfg, runs.data_stage(kind), kind)
 
 
-def build(cfg: DictConfig, out: Path) -> None:
-    template, vocab = template_and_vocab(cfg)
-    inputs = cache_inputs(cfg, template, vocab)
-    if runs.check_done(cfg, "data", inputs):
+def fix_chat_format(cfg: DictConfig, run_dir: RunDir) -> ChatFormat:
+    """The run's chat format: written by the first build with run_dir/tokenizer, and every later
+    build must resolve to the same one (one run_dir, one format: its models share a tokenizer)."""
+    fmt = ChatFormat.resolve(cfg)
+    fixed = ChatFormat.load(run_dir, "data") if run_dir.chat_format.exists() else None
+    if fixed not in (None, fmt) and not cfg.force:
+        raise UserError(f"{run_dir.root} was built with template {fixed.template} ({fixed.vocab} vocabulary), "
+                        f"this config resolves to {fmt.template} ({fmt.vocab})",
+                        hint="use a new run_dir=..., or force=true to rebuild in place")
+    if fixed != fmt or not (run_dir.tokenizer / "tokenizer_config.json").exists():
+        fmt.hf_tokenizer().save_pretrained(run_dir.tokenizer)
+        fmt.save(run_dir)
+    return fmt
+
+
+def build(cfg: DictConfig, kind: str) -> None:
+    if kind not in DATA_LAYOUT:
+        raise UserError(f"no data for stage {kind!r}; training stages: {', '.join(DATA_LAYOUT)}")
+    if not has_data(cfg, kind):
+        raise UserError(f"{kind} needs training rows: {kind}.data.files and {kind}.data.sources are empty",
+                        hint=f"set {kind}.data.files=[your.jsonl]")
+    run_dir = RunDir.of(cfg)
+    fmt = fix_chat_format(cfg, run_dir)
+    stage, out = runs.data_stage(kind), run_dir.data(kind)
+    inputs = cache_inputs(cfg, kind, fmt)
+    if runs.check_done(cfg, stage, inputs):
         return
-    runs.write_stage_config(cfg, "data")
-    tokenizer = build_hf_tokenizer(template, vocab)
-    tokenizer.save_pretrained(Path(cfg.run_dir) / "tokenizer")
+    runs.write_stage_config(cfg, stage)
     decontaminator = cleaning.Decontaminator(list(cfg.data.decontaminate.files), cfg.data.decontaminate.ngram)
-    report, rejects, lengths = {"template": template, "vocab": vocab or template}, [], {}
+    report = {"template": fmt.template, "vocab": fmt.vocab}
     if decontaminator.files:
         report["decontaminate"] = {"files": decontaminator.files, "prompts": decontaminator.prompts,
                                    "ngram": decontaminator.n}
-    for kind in ("sft", "dpo"):
-        if not stage_sources(cfg, kind):
-            continue
-        examples, stage_report, stage_rejects = build_stage(cfg, kind, template, vocab, decontaminator)
-        if kind == "sft" and stage_report["trained_tokens"] == 0:
-            raise UserError("sft: the dataset has zero trained tokens; check template.train_on")
-        report[kind] = stage_report
-        rejects += stage_rejects
-        lengths[kind] = [example_length(e) for e in examples]
-        _save(examples, out / kind)
-        r = stage_report
-        extra = "".join(
-            f", {name} {r[key]}" for key, name in (("deduplicated", "duplicates"), ("decontaminated", "contaminated"))
-            if r[key] or (key == "deduplicated" and cfg.data.dedup != "none")
-            or (key == "decontaminated" and decontaminator.files)
-        )
-        mixed = f"; {r['examples']} examples after weights" if r["examples"] != r["kept"] else ""
-        log.info("data/%s: read %d, kept %d, rejected %d%s, too long %d%s; %d tokens",
-                 kind, r["read"], r["kept"], r["rejected"], extra, r["too_long"], mixed, r["tokens"])
-        if kind == "sft" and cfg.data.show:
-            show_examples(examples, tokenizer, cfg.data.show)
+    examples, stage_report, rejects = build_stage(cfg, kind, fmt, decontaminator)
+    if DATA_LAYOUT[kind] == "sft" and stage_report["trained_tokens"] == 0:
+        raise UserError(f"{kind}: the dataset has zero trained tokens; check template.train_on")
+    report.update(stage_report)
+    _save(examples, run_dir.dataset(kind))
+    r = stage_report
+    extra = "".join(
+        f", {name} {r[key]}" for key, name in (("deduplicated", "duplicates"), ("decontaminated", "contaminated"))
+        if r[key] or (key == "deduplicated" and cfg.data.dedup != "none")
+        or (key == "decontaminated" and decontaminator.files)
+    )
+    mixed = f"; {r['examples']} examples after weights" if r["examples"] != r["kept"] else ""
+    log.info("data/%s: read %d, kept %d, rejected %d%s, too long %d%s; %d tokens",
+             kind, r["read"], r["kept"], r["rejected"], extra, r["too_long"], mixed, r["tokens"])
+    if DATA_LAYOUT[kind] == "sft" and cfg.data.show:
+        show_examples(examples, load_tokenizer(run_dir.tokenizer), cfg.data.show)
     sources.write_rejects(rejects, out / "rejects.jsonl")
-    if lengths:
-        write_histogram(lengths, {k: cfg[k].data.max_length for k in lengths}, out / HISTOGRAM)
-        report["histogram"] = HISTOGRAM
+    write_histogram(kind, [example_length(e) for e in examples], cfg[kind].data.max_length, out / HISTOGRAM)
+    report["histogram"] = HISTOGRAM
     runs.write_json(out / "report.json", report)
-    runs.finish_stage(cfg, "data", {"template": template, "report": report}, inputs)
+    runs.finish_stage(cfg, stage, {"format": asdict(fmt), "report": report}, inputs)

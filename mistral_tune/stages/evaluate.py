@@ -1,4 +1,4 @@
-"""The `eval` stage: base, SFT and DPO models side by side on held-out data.
+"""The `eval` stage: the base model and every trained stage's model side by side on held-out data.
 
 For each model present in run_dir (rebuilt from its manifest, adapters merged):
 
@@ -12,9 +12,10 @@ For each model present in run_dir (rebuilt from its manifest, adapters merged):
   rejected one's, and the mean difference. The same definition for every model, so the column
   compares base, SFT and DPO.
 - `reward_accuracy`, `reward_margin`: DPO's implicit reward r = beta * (logp_model - logp_ref)
-  with ref = the model the stage started from: SFT for DPO (the reference DPO trained against, so
-  these are the held-out counterparts of TRL's rewards/accuracies and rewards/margins), base for
-  SFT, none for base (null). beta is dpo.trainer.beta.
+  with ref = the model the stage started from (the stage before it in `stages=[...]`, else base):
+  SFT for DPO (the reference DPO trained against, so these are the held-out counterparts of TRL's
+  rewards/accuracies and rewards/margins), base for SFT or ORPO, none for base (null). beta is
+  dpo.trainer.beta.
 
 Writes run_dir/eval/results.json ({"base": {...}, "sft": {...}, "dpo": {...}}), prints a table,
 logs W&B tables, writes the merged model's card (mistral_tune.card), and the manifest last.
@@ -31,59 +32,65 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mistral_tune import runs
+from mistral_tune import card, runs
 from mistral_tune.datasets import sources, tasks
-from mistral_tune.formats import templates
-from mistral_tune.training import tracking
 from mistral_tune.errors import UserError
-from mistral_tune.training.modeling import load_policy, resolve_template
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.runs import RunDir
+from mistral_tune.training import tracking
+from mistral_tune.training.modeling import load_policy
 
 log = logging.getLogger("mistral_tune")
 
-REFERENCE = {"sft": "base", "dpo": "sft"}  # DPO's reference is the SFT model it started from
+def references(cfg: DictConfig) -> dict[str, str]:
+    """{stage: the model it started from}: the stage before it in `stages=[...]`, else base."""
+    order = ["base", *cfg.stages]
+    return {stage: order[i] for i, stage in enumerate(order[1:])}
 
 
 def model_refs(cfg: DictConfig) -> dict[str, dict]:
     """{name: {"base": path, "adapters": [...]}} of the models to evaluate, in pipeline order."""
+    run_dir = RunDir.of(cfg)
     refs = {}
-    base = Path(cfg.run_dir) / "base"
-    if (base / "config.json").exists():
-        refs["base"] = {"base": str(base), "adapters": []}
+    if (run_dir.base / "config.json").exists():
+        refs["base"] = {"base": str(run_dir.base), "adapters": []}
     elif cfg.model.name_or_path:
         refs["base"] = {"base": str(cfg.model.name_or_path), "adapters": []}
-    for stage in ("sft", "dpo"):
+    for stage in cfg.stages:
         manifest = runs.read_manifest(cfg, stage)
         if manifest:
             refs[stage] = manifest["model"]
-    unknown = set(cfg.eval.models) - {"base", "sft", "dpo"}
+    wanted = ["base", *cfg.stages] if cfg.eval.models is None else list(cfg.eval.models)
+    unknown = set(wanted) - {"base", *cfg.stages}
     if unknown:
-        raise UserError(f"eval.models: unknown model(s) {sorted(unknown)}; choose from base, sft, dpo")
-    refs = {k: v for k, v in refs.items() if k in cfg.eval.models}
+        raise UserError(f"eval.models: unknown model(s) {sorted(unknown)}; choose from base, {', '.join(cfg.stages)}")
+    refs = {k: v for k, v in refs.items() if k in wanted}
     if not refs:
         raise UserError(
-            f"eval: nothing to evaluate in {cfg.run_dir} (no base model, no finished sft or dpo stage)",
+            f"eval: nothing to evaluate in {cfg.run_dir} (no base model, no finished {' or '.join(cfg.stages)} stage)",
             hint=f"run `mistral-tune pipeline run_dir={cfg.run_dir}` first",
         )
     return refs
 
 
-def load_eval_data(cfg: DictConfig, template: str) -> dict:
+def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
     """Held-out chats (loss sequences and generation prompts) and preference pairs, encoded."""
     max_len, n = cfg.sft.data.max_length, cfg.eval.max_samples
     chats = sources.load_rows(list(cfg.eval.files), "sft", on_error=cfg.data.on_error).rows if cfg.eval.files else []
     pairs = sources.load_rows(list(cfg.eval.pref_files), "dpo", on_error=cfg.data.on_error).rows if cfg.eval.pref_files else []
     loss_seqs, prompts = [], []
     for row in chats[:n]:
-        enc = templates.encode_chat(row["messages"], template, train_on=cfg.template.train_on)
+        enc = fmt.encode_chat(row["messages"], train_on=cfg.template.train_on)
         if len(enc.input_ids) > max_len:
             continue  # as in training: never truncated
         loss_seqs.append((enc.input_ids, enc.assistant_masks))
         prompt = row["messages"][:-1]  # up to the last user turn, earlier replies the reference ones
-        prompts.append({"ids": templates.encode_prompt(prompt, template), "user": prompt[-1]["content"],
+        prompts.append({"ids": fmt.encode_prompt(prompt), "user": prompt[-1]["content"],
                         "reference": row["messages"][-1]["content"]})
     pref_seqs = []
     for row in pairs[:n]:
-        p, c, r = templates.encode_preference(row["prompt"], row["chosen"], row["rejected"], template)
+        p, c, r = fmt.encode_preference(row["prompt"], row["chosen"], row["rejected"])
         if len(p) + max(len(c), len(r)) > cfg.dpo.data.max_length:
             continue
         pref_seqs += [(p + c, [0] * len(p) + [1] * len(c)), (p + r, [0] * len(p) + [1] * len(r))]
@@ -186,9 +193,9 @@ def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict,
     return result, pair_logps
 
 
-def add_rewards(results: dict, logps: dict, beta: float) -> None:
+def add_rewards(results: dict, logps: dict, beta: float, reference: dict[str, str]) -> None:
     """DPO's implicit reward beta * (logp_model - logp_ref), chosen minus rejected, per pair."""
-    for name, ref in REFERENCE.items():
+    for name, ref in reference.items():
         if name not in results:
             continue
         results[name]["reference"] = ref if ref in logps and logps[name] else None
@@ -237,7 +244,7 @@ def _inputs(cfg: DictConfig, refs: dict) -> dict:
     files = {}
     for path in sources.expand_files([*cfg.eval.files, *cfg.eval.pref_files]):
         files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    stages = {s: (runs.read_manifest(cfg, s) or {}).get("fingerprint") for s in ("sft", "dpo", "merge")}
+    stages = {s: (runs.read_manifest(cfg, s) or {}).get("fingerprint") for s in (*cfg.stages, "merge")}
     return {"models": refs, "stages": stages, "files": files}
 
 
@@ -254,9 +261,10 @@ def run(cfg: DictConfig) -> Path:
     if runs.check_done(cfg, "eval", inputs):
         return out
     runs.write_stage_config(cfg, "eval")
-    template = resolve_template(cfg)
-    tokenizer = _tokenizer(cfg, template)
-    data = load_eval_data(cfg, template)
+    run_dir = RunDir.of(cfg)
+    fmt = ChatFormat.load(run_dir, "eval")
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    data = load_eval_data(cfg, fmt)
     if not (data["loss"] or data["pairs"]):
         raise UserError("eval: no held-out data; set eval.files=[...] and/or eval.pref_files=[...]")
 
@@ -268,7 +276,7 @@ def run(cfg: DictConfig) -> Path:
             results[name], logps[name] = evaluate_model(model, data, tokenizer, cfg)
             results[name]["model"] = ref
             del model
-        add_rewards(results, logps, _beta(cfg))
+        add_rewards(results, logps, _beta(cfg), references(cfg))
         runtime = time.perf_counter() - start
         if report_to:
             _log_wandb(results)
@@ -277,21 +285,12 @@ def run(cfg: DictConfig) -> Path:
     print(f"eval: {counts['prompts']} held-out prompts, {counts['pairs']} held-out pairs "
           f"({runtime:.1f}s; {out / 'results.json'})")
     print(table(results))
-    from mistral_tune import card
-
-    card_path = card.write_card(cfg, results)
+    card_path = card.write_card(cfg, results, table(results))
     if card_path:
         log.info("eval: model card in %s", card_path)
     runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts,
                                     "runtime": round(runtime, 3), "beta": _beta(cfg)}, inputs)
     return out
-
-
-def _tokenizer(cfg: DictConfig, template: str):
-    from mistral_tune.formats.tokenizer import build_hf_tokenizer, load_tokenizer
-
-    saved = Path(cfg.run_dir) / "tokenizer"
-    return load_tokenizer(saved) if (saved / "tokenizer_config.json").exists() else build_hf_tokenizer(template)
 
 
 def _log_wandb(results: dict) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mistral_tune import runs
-from mistral_tune.formats import templates
+from mistral_tune import card, runs
 from mistral_tune.errors import UserError
-from mistral_tune.training.modeling import DTYPES, load_policy, resolve_template
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.runs import RunDir
+from mistral_tune.training.modeling import DTYPES, load_policy
 from mistral_tune.formats.tokenizer import load_tokenizer
 
 log = logging.getLogger("mistral_tune")
@@ -32,9 +33,9 @@ class MergeMismatch(UserError):
     pass
 
 
-def probe_batch(template: str) -> torch.Tensor:
+def probe_batch(fmt: ChatFormat) -> torch.Tensor:
     """Equal-length prompts (right-trimmed to the shortest), so no padding enters the check."""
-    ids = [templates.encode_prompt(m, template) for m in PROBE]
+    ids = [fmt.encode_prompt(m) for m in PROBE]
     n = min(len(x) for x in ids)
     return torch.tensor([x[:n] for x in ids])
 
@@ -68,8 +69,9 @@ def merge_chain(cfg: DictConfig, model_ref: dict, batch: torch.Tensor, dtype: to
 
 
 def run(cfg: DictConfig) -> Path:
-    out = runs.stage_dir(cfg, "merge")
-    last = runs.read_manifest(cfg, "dpo") or runs.require_manifest(cfg, "sft", "merge")
+    run_dir = RunDir.of(cfg)
+    out = run_dir.merged
+    last = runs.require_manifest(cfg, cfg.stages[-1], "merge")  # the last trained stage
     inputs = {"from": last["stage"], "fingerprint": last["fingerprint"]}
     if runs.check_done(cfg, "merge", inputs):
         return out
@@ -77,10 +79,10 @@ def run(cfg: DictConfig) -> Path:
         runs.wait_for_everyone()
         return out
 
-    template = resolve_template(cfg)
-    tokenizer = load_tokenizer(Path(cfg.run_dir) / "tokenizer")
+    fmt = ChatFormat.load(run_dir, "merge")
+    tokenizer = load_tokenizer(run_dir.tokenizer)
     # Merging happens in float32 (full precision), whatever the training dtype.
-    merged, diff = merge_chain(cfg, last["model"], probe_batch(template), torch.float32)
+    merged, diff = merge_chain(cfg, last["model"], probe_batch(fmt), torch.float32)
     save_dtype = DTYPES.get(cfg.merge.dtype) if cfg.merge.dtype != "auto" else None
     if save_dtype is None:
         base_dtype = getattr(merged.config, "dtype", None) or getattr(merged.config, "torch_dtype", None)
@@ -104,5 +106,6 @@ def run(cfg: DictConfig) -> Path:
              last["model"]["base"], len(last["model"]["adapters"]), out, diff)
     runs.finish_stage(cfg, "merge", {"from": last["stage"], "model": last["model"], "probe_max_abs_diff": diff,
                                      "dtype": str(save_dtype).replace("torch.", "")}, inputs)
+    card.write_card(cfg)  # eval rewrites it with its table; a run without eval still has a card
     runs.wait_for_everyone()
     return out

@@ -21,7 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from mistral_tune import runs
 from mistral_tune.config import REPO_ROOT
 from mistral_tune.errors import UserError
-from mistral_tune.training.modeling import lora_config, resolve_template, tiny_config
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.runs import RunDir
+from mistral_tune.stages import data
+from mistral_tune.training.modeling import lora_config, tiny_config
 
 log = logging.getLogger("mistral_tune")
 GiB = 2**30
@@ -37,7 +40,7 @@ def model_config(cfg: DictConfig) -> tuple[object, str]:
 
     from mistral_tune.formats.templates import mistral_tokenizer
 
-    template = resolve_template(cfg)
+    template = ChatFormat.resolve(cfg).vocab
     vocab = mistral_tokenizer(template).instruct_tokenizer.tokenizer.n_words
     name = cfg.model.name_or_path
     if not name:
@@ -209,15 +212,14 @@ def data_rows(cfg: DictConfig) -> tuple[dict, str]:
     rows = {s: {"rows": cfg.plan[f"{s}_rows"]} for s in ("sft", "dpo") if cfg.plan[f"{s}_rows"]}
     if rows:
         return rows, "plan.sft_rows / plan.dpo_rows"
-    if not (cfg.sft.data.files or cfg.dpo.data.files):
+    kinds = [s for s in cfg.stages if data.has_data(cfg, s)]
+    if not kinds:
         return {}, "no data files (sft.data.files=[...], or plan.sft_rows=N plan.dpo_rows=N)"
-    from mistral_tune.stages import data
-
-    data.run(cfg)  # reuses run_dir/data when built from the same inputs
-    report = runs.require_manifest(cfg, "data", "plan")["report"]
-    out = {s: {"rows": report[s]["kept"], "tokens": report[s]["tokens"], "mean_length": report[s]["length"]["mean"]}
-           for s in ("sft", "dpo") if s in report}
-    return out, f"{Path(cfg.run_dir) / 'data' / 'report.json'}"
+    out = {}
+    for kind in kinds:  # the CLI built them (or found them built from the same inputs)
+        report = runs.require_manifest(cfg, runs.data_stage(kind), "plan")["report"]
+        out[kind] = {"rows": report["kept"], "tokens": report["tokens"], "mean_length": report["length"]["mean"]}
+    return out, f"{RunDir.of(cfg).data_root}/<stage>/report.json"
 
 
 def build_plan(cfg: DictConfig) -> dict:
@@ -226,7 +228,7 @@ def build_plan(cfg: DictConfig) -> dict:
     counts = count_parameters(meta_model(config, cfg, method), method)
     setup = launcher_setup(cfg)
     rows, rows_source = data_rows(cfg)
-    stages = ["sft"] + (["dpo"] if cfg.dpo.enabled else [])
+    stages = list(cfg.stages)
     plan = {"config_source": source, "method": method, "counts": counts, "launcher": setup, "rows_source": rows_source,
             "config": config, "stages": {}}
     for stage in stages:

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mistral_tune import runs
+from mistral_tune.runs import RunDir
 from mistral_tune.errors import UserError
 
 log = logging.getLogger("mistral_tune")
@@ -20,19 +21,19 @@ log = logging.getLogger("mistral_tune")
 
 def plan_uploads(cfg: DictConfig) -> list[tuple[Path, str]]:
     """(local folder, path in the repo) pairs to upload."""
-    merged = Path(cfg.run_dir) / "merged"
+    run_dir = RunDir.of(cfg)
     runs.require_manifest(cfg, "merge", "push")
-    uploads = [(merged, "")]
+    uploads = [(run_dir.merged, "")]
     if cfg.push.include_adapters:
-        for stage in ("sft", "dpo"):
+        for stage in cfg.stages:
             manifest = runs.read_manifest(cfg, stage)
             if manifest and manifest["method"] != "none":
-                uploads.append((Path(cfg.run_dir) / stage, f"adapters/{stage}"))
+                uploads.append((run_dir.stage(stage), f"adapters/{stage}"))
     return uploads
 
 
 def _files(folder: Path) -> list[Path]:
-    skip = ("checkpoint-", "sft_policy", "manifest.json", "config.yaml")
+    skip = ("checkpoint-", "start_policy", "manifest.json", "config.yaml")
     return sorted(p for p in folder.rglob("*") if p.is_file() and not any(s in str(p.relative_to(folder)) for s in skip))
 
 
@@ -61,9 +62,9 @@ def run(cfg: DictConfig) -> Path:
             for f in _files(folder):
                 dest = f"{prefix}/{f.relative_to(folder)}" if prefix else str(f.relative_to(folder))
                 print(f"would upload {f} -> {cfg.push.repo_id}:{dest} ({f.stat().st_size} bytes)")
-        return Path(cfg.run_dir) / "merged"
+        return RunDir.of(cfg).merged
     if not runs.is_main_process():
-        return Path(cfg.run_dir) / "merged"
+        return RunDir.of(cfg).merged
 
     from huggingface_hub import HfApi
 
@@ -78,7 +79,7 @@ def run(cfg: DictConfig) -> Path:
             _retry(f"upload {folder}", lambda: api.upload_folder(
                 repo_id=repo, folder_path=str(folder), path_in_repo=prefix or None, revision=cfg.push.revision,
                 commit_message=cfg.push.commit_message,
-                ignore_patterns=["checkpoint-*", "sft_policy/*", "manifest.json", "config.yaml"],
+                ignore_patterns=["checkpoint-*", "start_policy/*", "manifest.json", "config.yaml"],
             ), cfg.push.max_retries)
             done.append(str(folder))
     except Exception as err:
@@ -89,4 +90,4 @@ def run(cfg: DictConfig) -> Path:
             hint="the local checkpoint is untouched; re-run the same command to retry",
         ) from None
     log.info("push: uploaded %s to https://huggingface.co/%s", ", ".join(done), repo)
-    return Path(cfg.run_dir) / "merged"
+    return RunDir.of(cfg).merged

@@ -1,21 +1,23 @@
 """The `sft` stage: supervised fine-tuning with TRL's SFTTrainer, full, LoRA or QLoRA.
 
-Reads run_dir/data/sft (built by the data stage if missing), writes run_dir/sft: the trained
-model or adapter, the tokenizer, config.yaml, metrics.json, and manifest.json last.
+Reads run_dir/data/sft (the CLI builds it first), starts from the base model (or from the stage
+before it in `stages=[...]`), writes run_dir/sft: the trained model or adapter, the tokenizer,
+config.yaml, metrics.json, and manifest.json last.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mistral_tune.stages import data
 from mistral_tune import runs
-from mistral_tune.training.lean import lean_sft_trainer
-from mistral_tune.training.modeling import ensure_base, load_model, lora_config, model_ref_after, resolve_peft
 from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.runs import RunDir
+from mistral_tune.training.lean import lean_sft_trainer
+from mistral_tune.training.modeling import load_start, lora_config, model_ref_after, resolve_peft, start_model
 from mistral_tune.training.trainers import loss_history, train_and_save, trl_args
 
 log = logging.getLogger("mistral_tune")
@@ -25,23 +27,19 @@ def run(cfg: DictConfig) -> Path:
     from datasets import load_from_disk
     from trl import SFTConfig
 
-    out = runs.stage_dir(cfg, "sft")
-    data.run(cfg)
-    data_manifest = runs.require_manifest(cfg, "data", "sft")
-    if "sft" not in data_manifest["report"]:
-        from mistral_tune.errors import UserError
-
-        raise UserError("sft needs training rows: sft.data.files and sft.data.sources are empty")
-    inputs = {"data": data_manifest["fingerprint"], "base": cfg.model.name_or_path}
+    run_dir = RunDir.of(cfg)
+    out = run_dir.stage("sft")
+    data_manifest = runs.require_manifest(cfg, runs.data_stage("sft"), "sft")
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    start, previous = start_model(cfg, "sft", tokenizer)
+    inputs = {"data": data_manifest["fingerprint"], "start": previous["fingerprint"] if previous else start}
     if runs.check_done(cfg, "sft", inputs):
         return out
     runs.write_stage_config(cfg, "sft")
 
-    tokenizer = load_tokenizer(Path(cfg.run_dir) / "tokenizer")
     method = resolve_peft(cfg)
-    base = ensure_base(cfg, tokenizer)
-    model = load_model(base, cfg, quantize=method == "qlora")
-    train_dataset = load_from_disk(str(Path(cfg.run_dir) / "data" / "sft"))
+    model = load_start(cfg, start, method, out)
+    train_dataset = load_from_disk(str(run_dir.dataset("sft")))
 
     trainer, metrics = train_and_save(cfg, "sft", out, lambda report_to: lean_sft_trainer()(
         model=model,
@@ -50,8 +48,10 @@ def run(cfg: DictConfig) -> Path:
         processing_class=tokenizer,
         peft_config=lora_config(cfg) if method != "none" else None,
     ), {"method": method})
-    model_ref = model_ref_after(out, method, {"base": base, "adapters": []})
+    model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "sft", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)
+    if runs.is_main_process():
+        shutil.rmtree(out / "start_policy", ignore_errors=True)  # QLoRA scratch copy; merge rebuilds
     runs.wait_for_everyone()
     return out

@@ -11,16 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mistral_tune.errors import UserError
-from mistral_tune.runs import is_main_process, wait_for_everyone
+from mistral_tune.runs import RunDir, is_main_process, previous_stage, require_manifest, wait_for_everyone
 
 log = logging.getLogger("mistral_tune")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_template(cfg: DictConfig) -> str:
-    name = cfg.template.name
-    return cfg.model.default_template if name == "auto" else name
 
 
 def resolve_peft(cfg: DictConfig) -> str:
@@ -83,7 +78,7 @@ def ensure_base(cfg: DictConfig, tokenizer) -> str:
         if (path.is_absolute() or str(path).startswith(".")) and not path.exists():
             raise UserError(f"model.name_or_path={cfg.model.name_or_path!r} does not exist")
         return str(cfg.model.name_or_path)
-    base = Path(cfg.run_dir) / "base"
+    base = RunDir.of(cfg).base
     if not (base / "config.json").exists() and is_main_process():
         from transformers import MistralForCausalLM
 
@@ -156,6 +151,31 @@ def load_policy(cfg: DictConfig, model_ref: dict, dtype: torch.dtype | None = No
     for adapter in model_ref.get("adapters", []):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model
+
+
+def start_model(cfg: DictConfig, stage: str, tokenizer) -> tuple[dict, dict | None]:
+    """(model_ref, manifest) a training stage starts from: what the stage before it in
+    `stages=[...]` left (its manifest must exist), or the base model (manifest None)."""
+    previous = previous_stage(cfg, stage)
+    if previous is None:
+        return {"base": ensure_base(cfg, tokenizer), "adapters": []}, None
+    manifest = require_manifest(cfg, previous, stage)
+    return manifest["model"], manifest
+
+
+def load_start(cfg: DictConfig, start: dict, method: str, out: Path):
+    """The model a stage trains, from its start ref. For QLoRA a start with adapters is merged
+    once in bf16 into out/start_policy and reloaded in 4-bit (adapters are never merged into
+    4-bit weights); the stage removes that scratch copy when it finishes."""
+    if method != "qlora":
+        return load_policy(cfg, start)
+    if not start["adapters"]:
+        return load_model(start["base"], cfg, quantize=True)
+    merged = out / "start_policy"
+    if is_main_process() and not (merged / "config.json").exists():
+        load_policy(cfg, start, dtype=torch.bfloat16).save_pretrained(merged, safe_serialization=True)
+    wait_for_everyone()
+    return load_model(str(merged), cfg, quantize=True)
 
 
 def model_ref_after(stage_out: Path, method: str, previous: dict) -> dict:

@@ -184,6 +184,7 @@ def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict 
         "peak_rss_mb": round(peak_rss_mb, 1),
         "train_loss": train_output.metrics.get("train_loss"),
         "global_step": train_output.global_step,
+        "world_size": trainer.args.world_size,  # processes that trained (launcher.num_processes)
         **(extra or {}),
     }
     if torch.cuda.is_available():
