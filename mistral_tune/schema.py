@@ -79,7 +79,8 @@ class ModelConfig:
     default_template: str = "mistral_v1"  # chat format used when template=auto
     default_peft: str = "lora"  # training method used when peft=auto
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
-    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
+    # auto: flash_attention_2 if installed on CUDA, else flex_attention on CUDA, sdpa on CPU
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False  # never run a checkpoint's own code unless you ask for it
 
 

@@ -167,8 +167,8 @@ def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_
         runtime = time.perf_counter() - start
         trainer.save_model(str(out))
     metrics = write_metrics(out, trainer, result, runtime, extra_metrics)
-    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s", stage, result.global_step,
-             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0)
+    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s (%s attention)", stage, result.global_step,
+             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0, metrics["attn_implementation"])
     return trainer, metrics
 
 
@@ -185,6 +185,7 @@ def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict 
         "train_loss": train_output.metrics.get("train_loss"),
         "global_step": train_output.global_step,
         "world_size": trainer.args.world_size,  # processes that trained (launcher.num_processes)
+        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         **(extra or {}),
     }
     if torch.cuda.is_available():
