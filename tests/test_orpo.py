@@ -56,7 +56,7 @@ def _args(tmp_path, **kw):
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_steps=1, optim="sgd", learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", seed=0,
         activation_checkpointing=False, per_device_train_batch_size=6, beta=BETA, max_grad_norm=0.0,
-        disable_tqdm=True), **kw})
+        disable_tqdm=True, include_num_input_tokens_seen="non_padding"), **kw})
 
 
 def test_one_orpo_step_equals_the_plain_loss(tmp_path):
@@ -75,6 +75,9 @@ def test_one_orpo_step_equals_the_plain_loss(tmp_path):
     trainer.train()
     logs = next(e for e in trainer.state.log_history if "loss" in e)
     assert logs["loss"] == pytest.approx(float(expected), rel=1e-5)
+    # tokens/s in metrics.json: every token of both sequences of every pair, pads not counted
+    assert trainer.state.num_input_tokens_seen == sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) +
+                                                      len(r["rejected_ids"]) for r in rows)
     moved = False
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected_weights[name], rtol=1e-4, atol=1e-6, msg=name)

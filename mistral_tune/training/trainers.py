@@ -34,7 +34,7 @@ log = logging.getLogger("mistral_tune")
 
 
 # ------------------------------------------------------------------------------------------------
-# TRL_INTERNALS: every private TRL name mistral_tune patches, overrides or relies on (pinned TRL
+# TRL_INTERNALS: every private TRL (and transformers) name mistral_tune patches, overrides or relies on (pinned TRL
 # 1.16). tests/test_trl_internals.py checks each one's presence and parameters, so a TRL upgrade
 # that renames, removes or re-signs one fails a test that names it, instead of silently switching
 # a patch off. Nothing outside this section touches these names.
@@ -70,6 +70,9 @@ TRL_INTERNALS = (
     Internal("trl.experimental.orpo.orpo_trainer:ORPOTrainer.concatenated_inputs",
              ("batch", "is_encoder_decoder", "padding_value", "device"),
              "reads the chosen_input_ids/attention_mask/labels and rejected_* columns tokenize_row must give"),
+    # not TRL's but transformers': ORPO batches have no input_ids, so the Trainer counted no tokens
+    Internal("transformers.trainer:Trainer._track_num_input_tokens", ("self", "inputs"),
+             "overridden for ORPO: counts the chosen and rejected sequences' tokens (metrics.json tokens/s)"),
 )
 
 PRETOKENIZED_PAIRS = {"prompt_ids", "chosen_ids", "rejected_ids"}  # made by the data stage with mistral-common
@@ -202,6 +205,12 @@ def orpo_trainer_class():
                 row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(completion))
                 row[f"{side}_labels"] = [-100] * len(prompt) + completion
             return row
+
+        def _track_num_input_tokens(self, inputs):
+            for side in ("chosen", "rejected"):
+                if f"{side}_input_ids" in inputs:
+                    super()._track_num_input_tokens({"input_ids": inputs[f"{side}_input_ids"],
+                                                     "attention_mask": inputs[f"{side}_attention_mask"]})
 
     return PretokenizedORPOTrainer
 
