@@ -218,15 +218,16 @@ def stream_source(rows: Iterator, run: SourceRun, tokenizers: Tokenizers, clean:
                   budget: int | None) -> int:
     """Feed one source's rows (normalised row and origin, or a sources.Reject) through `clean`
     (why a row is not used and its counter, or None) into `tokenizers`; returns how many
-    normalised rows it read, at most `budget` (rows past it are not read at all)."""
-    taken, batch, origins = 0, [], []
+    normalised rows it read, at most `budget` (rows past it are not read at all). Rejects travel
+    with the next chunk, so rejects.jsonl lists them in input order for any num_proc."""
+    taken, batch, order = 0, [], []  # order: Rejects and origins (one per row of batch), as read
     for item in rows:
         if budget is not None and taken >= budget:
             break
         run.counts["read"] += 1
         if isinstance(item, Reject):
             run.counts["rejected"] += 1
-            reject(item)
+            order.append(item)
             continue
         taken += 1
         row, origin = item
@@ -234,16 +235,19 @@ def stream_source(rows: Iterator, run: SourceRun, tokenizers: Tokenizers, clean:
         if found is not None:
             reason, counter = found
             run.counts[counter] += 1
-            reject(Reject(file=origin[0], row=origin[1], field="<row>", reason=reason, raw=row))
+            order.append(Reject(file=origin[0], row=origin[1], field="<row>", reason=reason, raw=row))
             continue
         batch.append(row)
-        origins.append(origin)
+        order.append(origin)
         if len(batch) == CHUNK:
-            tokenizers.submit(batch, (run, origins))
-            batch, origins = [], []
+            tokenizers.submit(batch, (run, order))
+            batch, order = [], []
     if batch:
-        tokenizers.submit(batch, (run, origins))
+        tokenizers.submit(batch, (run, order))
     tokenizers.drain()
+    if not batch:
+        for item in order:  # rejects after the last chunk
+            reject(item)
     run.part.close()
     return taken
 
@@ -252,9 +256,14 @@ def take_encoded(on_error: str, template: str, max_length: int, reject: Callable
     """The Tokenizers `done` callback: writes a chunk's kept rows and accounts for the others."""
 
     def done(outcomes: list[tuple], table: pa.Table, rows: list[dict], context) -> None:
-        run, origins = context
+        run, order = context
         run.part.write(table)
-        for outcome, row, (file, row_no, word) in zip(outcomes, rows, origins):
+        encoded = iter(zip(outcomes, rows))
+        for item in order:
+            if isinstance(item, Reject):  # a row read before this chunk's rows, not used
+                reject(item)
+                continue
+            (outcome, row), (file, row_no, word) = next(encoded), item
             what = outcome[0]
             if what == "ok":
                 run.counts["kept"] += 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 import random
 import shutil
 import statistics
@@ -234,7 +235,7 @@ def _check_drops(cfg: DictConfig, kind: str, report: dict) -> None:
     if read and dropped / read > limit:
         fix = (f"raise {kind}.data.max_length (now {cfg[kind].data.max_length}), "
                + ("set data.overlong=truncate, " if cfg.data.overlong == "drop" and DATA_LAYOUT[kind] == "sft" else "")
-               + f"or accept it with data.max_drop_fraction={dropped / read:.2f}")
+               + f"or accept it with data.max_drop_fraction={math.ceil(100 * dropped / read) / 100:.2f}")
         log.warning("data/%s: %d of %d rows (%.1f%%) are longer than max_length %d tokens and were dropped; %s",
                     kind, dropped, read, 100 * dropped / read, cfg[kind].data.max_length, fix)
         raise UserError(f"{kind}: {dropped} of {read} rows are too long (more than data.max_drop_fraction="
