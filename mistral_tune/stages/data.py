@@ -13,8 +13,10 @@ builds the data of every stage in `stages=[...]` that has data configured.
 
 Per dataset, in order: each source is read and validated (rejected), rows past `limit` are not
 read, rows overlapping evaluation prompts are dropped (decontaminated), then duplicates of
-earlier rows (deduplicated), then rows over max_length tokens (too_long). Per stage and per
-source: kept + rejected + deduplicated + decontaminated + too_long = read. The mixture then
+earlier rows (deduplicated), then rows over max_length tokens (too_long; with data.overlong=
+truncate a chat is cut after its last whole assistant turn that fits, and counted as truncated).
+Per stage and per source: kept + rejected + deduplicated + decontaminated + too_long = read. The
+rows stream through in chunks (mistral_tune.datasets.build), tokenized on data.num_proc processes. The mixture then
 takes round(weight x kept) examples of each source (weight < 1: a seeded random subset;
 weight > 1: every row int(weight) times plus a seeded subset for the fraction).
 """
@@ -222,7 +224,7 @@ def build_stage(cfg: DictConfig, kind: str, fmt: ChatFormat, decontaminator: cle
     for counts in [report, *per_source.values()]:
         assert counts["read"] == sum(counts[k] for k in COUNTS[1:]), counts  # nothing dropped silently
     _check_drops(cfg, kind, report)
-    _save(pieces, dataset_dir)
+    build_engine.save_dataset(pieces, dataset_dir)
     shutil.rmtree(parts_dir, ignore_errors=True)
     rejects_tmp.replace(rejects_path)
     return report, stats["length"]
@@ -264,24 +266,6 @@ def _token_stats(kind: str, stats: dict[str, list[int]]) -> dict:
         }
     out["trained_fraction"] = round(trained / total, 4) if total else 0.0
     return out
-
-
-def _save(pieces: list[tuple[Path, list[int], int]], out: Path) -> None:
-    """The examples, in order: each source's Arrow part (memory-mapped, never loaded whole), taken
-    at the mixture's row indices, saved with datasets.save_to_disk and put in place atomically."""
-    from datasets import Dataset, concatenate_datasets
-
-    parts = []
-    for path, chosen, kept in pieces:
-        part = Dataset.from_file(str(path))
-        parts.append(part if chosen == list(range(kept)) else part.select(chosen))
-    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    del dataset, parts
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def write_histogram(kind: str, lengths: list[int], max_length: int, path: Path) -> None:
