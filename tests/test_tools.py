@@ -387,3 +387,34 @@ def test_mistral_common_validator_errors_are_value_errors():
     messages[0]["tools"][0]["function"]["parameters"] = {"type": "no-such-type"}
     with pytest.raises(ValueError, match="mistral-common refuses this tool conversation: Invalid tool schema"):
         encode_chat(messages, "mistral_v3")
+
+
+# --- the exported v3 template writes tool results as mistral-common does, within its documented limits ---
+
+
+@pytest.mark.parametrize("content, exact", [
+    ("391", True), ("-17", True), ("0.125", True), ("true", True), ("null", True), ('"quoted"', True),
+    ('{"value": 0.125, "unit": "m"}', True), ("[1, 2, 3]", True), ("Sunny, 21 C", True), ("42 apples", True),
+    ("007", True), ("inf", True), ("nan", True), ("3.50", False), ('{"value":0.125}', False), ("1e3", False),
+])
+def test_v3_jinja_tool_results(content, exact):
+    messages = [u("Go."), calls(ADD), result("c1a2b3c4d", content), a("Done.")]
+    ours = encode_chat(sources._normalise({"tools": [CALC], "messages": messages}, "sft", "auto")["messages"],
+                       "mistral_v3").input_ids
+    assert ours == mistral_common_ids(messages, [CALC], "mistral_v3")
+    jinja = hf_tokenizer("mistral_v3").apply_chat_template(messages, tools=[CALC], return_dict=True)["input_ids"]
+    assert (jinja == ours) == exact
+
+
+def test_bundled_tool_dataset_encodes_within_the_default_max_length():
+    path = Path(__file__).resolve().parents[1] / "data" / "tools_sft.jsonl"
+    loaded = sources.load_rows([str(path)], "sft")
+    assert loaded.read == len(loaded.rows) >= 300 and not loaded.rejects
+    assert all(templates.uses_tools(r["messages"]) for r in loaded.rows)
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    for template in TOOL_TEMPLATES:
+        for i, (row, original) in enumerate(zip(loaded.rows, raw, strict=True)):
+            enc = encode_chat(row["messages"], template)
+            assert len(enc.input_ids) <= 256  # the default sft.data.max_length: nothing dropped as too long
+            if i % 20 == 0:
+                assert enc.input_ids == mistral_common_ids(original["messages"], original["tools"], template)

@@ -44,6 +44,13 @@ Where it cannot match:
 3. Conversation shapes: the Jinja templates accept one optional leading system message and
    string contents only (what `mistral_tune.stages.data` produces); anything else raises. The
    reference also folds later system messages in; we do not need that.
+4. Tool use (v3, v7: ``apply_chat_template(messages, tools=tools)``, OpenAI layout). The tools
+   list, calls and results render the ids of `templates.encode_chat` with the same mask (calls
+   trained, results and tools not), tests/test_tools.py compares them. mistral-common parses and
+   re-dumps JSON where Jinja can only copy text: call ``arguments`` given as a mapping are exact,
+   given as text they are exact when written as ``json.dumps`` writes them; a v3 tool result is
+   exact for plain text, numbers as Python prints them, and JSON in ``json.dumps`` form, not for
+   other JSON spellings (``{"a":1}``, ``3.50``, ``1e3``). v1, chatml and zephyr raise on tools.
 
 ``chatml`` and ``zephyr`` (defined in `mistral_tune.formats.templates`, over the vocabulary of the
 model's Mistral tokenizer) have the same properties: ``apply_chat_template`` equals
