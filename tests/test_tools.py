@@ -259,6 +259,8 @@ def test_formats_without_tool_use_refuse_tool_rows(template):
         hf_tokenizer(template).apply_chat_template(messages, tools=tools)
     with pytest.raises(Exception, match="has no tool-use format"):
         hf_tokenizer(template).apply_chat_template([u("Hi"), a("Hello")], tools=tools)
+    with pytest.raises(Exception, match="has no tool-use format"):  # calls without a tools list
+        hf_tokenizer(template).apply_chat_template(messages[:2])
 
 
 def _built(run: Path, name: str):
