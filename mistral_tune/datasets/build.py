@@ -99,7 +99,8 @@ class Encoder:
         Each prefix is encoded as a conversation of its own (v3 moves the system prompt to the
         last user turn, so a prefix is not a token prefix of the whole); lengths grow with the
         number of turns, so a binary search finds it."""
-        ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"][:-1]
+        # a reply, not a tool call whose results would be cut off
+        ends = [i + 1 for i, m in enumerate(messages[:-1]) if m["role"] == "assistant" and not m.get("tool_calls")]
         best, lo, hi = None, 0, len(ends) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
