@@ -5,8 +5,9 @@
 Rows are synthetic chats (1-3 user/assistant turns, 70-900 words each, made deterministically from
 the row number) written once per size to --workdir as JSONL. Every configuration runs in its own
 subprocess on the same rows with the same number of processes (--num-proc, default: the cores
-available). Memory: `peak RSS` is the subprocess's own peak resident set (getrusage: what a
-memory limit on the build's process sees); `peak PSS tree` the largest sum of the proportional set
+available). Memory: `peak RSS` is the subprocess's own peak resident set when the build is done
+(getrusage, before the bench's own checks: what a memory limit on the build's process sees);
+`peak PSS tree` the largest sum of the proportional set
 sizes of the subprocess and its children (psutil, polled every 50 ms), so tokenizing workers count
 without counting the pages they share with the parent twice.
 
@@ -91,9 +92,14 @@ def worker_mistral_tune(rows: Path, out: Path, num_proc: int, template: str, che
     start = time.perf_counter()
     root = data.run(cfg)
     seconds = time.perf_counter() - start
+    peak = _peak_rss_gb()  # the build's: the check below is the bench's own work
     report = json.loads((root / "sft" / "report.json").read_text())
-    return {"seconds": seconds, "rows": report["read"], "tokens": report["tokens"],
+    return {"seconds": seconds, "rows": report["read"], "tokens": report["tokens"], "peak_rss_gb": peak,
             "exact": _check_exact(root / "sft" / "dataset", rows, template, check)}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 def _check_exact(dataset_dir: Path, rows: Path, template: str, n: int) -> str:
@@ -103,8 +109,12 @@ def _check_exact(dataset_dir: Path, rows: Path, template: str, n: int) -> str:
     from mistral_tune.formats import templates
 
     dataset = load_from_disk(str(dataset_dir))
-    lines = rows.read_text(encoding="utf-8").splitlines()
-    picked = random.Random(0).sample(range(len(dataset)), min(n, len(dataset)))
+    picked = sorted(random.Random(0).sample(range(len(dataset)), min(n, len(dataset))))
+    wanted, lines = set(picked), {}
+    with open(rows, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i in wanted:
+                lines[i] = line
     same = 0
     for i in picked:  # dedup=exact on distinct synthetic rows keeps them all, so row i is line i
         messages = json.loads(lines[i])["messages"]
@@ -128,8 +138,9 @@ def worker_datasets_map(rows: Path, out: Path, num_proc: int, template: str, che
 
     dataset = dataset.map(tokenize, num_proc=num_proc if num_proc > 1 else None, remove_columns=["messages"])
     seconds = time.perf_counter() - start
-    tokens = sum(len(ids) for batch in dataset.iter(10000) for ids in batch["input_ids"])
-    return {"seconds": seconds, "rows": len(dataset), "tokens": tokens, "exact": "-"}
+    peak = _peak_rss_gb()
+    tokens = sum(len(ids) for batch in dataset.iter(1000) for ids in batch["input_ids"])
+    return {"seconds": seconds, "rows": len(dataset), "tokens": tokens, "peak_rss_gb": peak, "exact": "-"}
 
 
 WORKERS = {"mistral_tune": worker_mistral_tune, "datasets.map": worker_datasets_map}
@@ -176,7 +187,6 @@ def main() -> None:
 
     if args.worker:
         result = WORKERS[args.worker](Path(args.rows_file), Path(args.workdir), args.num_proc, args.template, args.check)
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
         (Path(args.workdir) / "result.json").write_text(json.dumps(result))
         return
 
