@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -186,6 +187,12 @@ def load_start(cfg: DictConfig, start: dict, method: str, out: Path):
         load_policy(cfg, start, dtype=torch.bfloat16).save_pretrained(merged, safe_serialization=True)
     wait_for_everyone()
     return load_model(str(merged), cfg, quantize=True)
+
+
+def drop_start_copy(out: Path) -> None:
+    """Remove load_start's QLoRA scratch copy once the stage is done (merge rebuilds from refs)."""
+    if is_main_process():
+        shutil.rmtree(out / "start_policy", ignore_errors=True)
 
 
 def model_ref_after(stage_out: Path, method: str, previous: dict) -> dict:
