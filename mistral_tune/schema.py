@@ -82,8 +82,12 @@ class ModelConfig:
     # MistralConfig fields for a randomly initialised model (ignored when name_or_path is set).
     config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0  # seed of the random initialisation, so the tiny base is reproducible
-    default_template: str = "mistral_v1"  # chat format used when template=auto
+    # Chat format used when template=auto; auto reads the checkpoint's vocabulary (v1, v3, v7).
+    default_template: str = "mistral_v1"
     default_peft: str = "lora"  # training method used when peft=auto
+    # A null data max_length on your own data becomes min(max_position_embeddings, this): the
+    # memory of a step grows with the longest row.
+    max_length_cap: int = 4096
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
     # auto: flash_attention_2 if installed on CUDA, else flex_attention on CUDA, sdpa on CPU
     attn_implementation: str = "auto"
@@ -157,8 +161,9 @@ class StageData:
     sources: list[SourceConfig] = field(default_factory=list)
     format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
     # Rows longer than this many tokens are dropped and counted in report.json; never truncated
-    # silently (a truncated row can lose its EOS).
-    max_length: int = 1024
+    # silently (a truncated row can lose its EOS). null: 256 for the bundled files, else the
+    # model's context capped at model.max_length_cap (mistral_tune.config.resolve_model_defaults).
+    max_length: Optional[int] = None
     limit: Optional[int] = None  # keep only the first N rows (smoke tests)
 
 

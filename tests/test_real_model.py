@@ -1,0 +1,154 @@
+"""A real (local) checkpoint gets real defaults: its own format, LoRA, the Zephyr recipe's values,
+a max_length from its context; the tiny model keeps its demo defaults (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from mistral_tune import cli
+from mistral_tune.config import compose
+from mistral_tune.errors import UserError
+from mistral_tune.formats import templates
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.formats.tokenizer import build_hf_tokenizer
+from mistral_tune.runs import RunDir
+from tests.helpers import tiny_mistral
+
+WORDS = ("the model reads a long answer about rivers mountains history music and code while "
+         "every sentence keeps going with ordinary words of many kinds").split()
+
+
+def make_checkpoint(folder: Path, template: str = "mistral_v3", context: int = 32768) -> Path:
+    """A tiny MistralForCausalLM with the full vocabulary of `template`, saved with the HF
+    tokenizer converted from mistral-common's file: a stand-in for a local Mistral checkpoint."""
+    tok = build_hf_tokenizer(template)
+    model = tiny_mistral(vocab_size=len(tok), sliding_window=None, max_position_embeddings=context)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def long_chats(path: Path, n: int = 20, seed: int = 0) -> Path:
+    """n ordinary chats of 300-1500 words (two or three turns each)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            total = rng.randint(300, 1500)
+            turns = rng.choice([1, 2])
+            messages = []
+            for t in range(turns):
+                words = total // turns
+                messages.append({"role": "user", "content": f"Question {i}.{t}: " + " ".join(rng.choices(WORDS, k=words // 5))})
+                messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=words - words // 5))})
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def v3_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "mistral-v3-local")
+
+
+def test_a_local_checkpoint_gets_the_real_defaults(v3_checkpoint, tmp_path):
+    chats = long_chats(tmp_path / "chats.jsonl")
+    cfg = compose([f"model.name_or_path={v3_checkpoint}", f"sft.data.files=[{chats}]", "logger=none"])
+    assert ChatFormat.resolve(cfg) == ChatFormat("mistral_v3", "mistral_v3")
+    assert cfg.model.default_peft == "lora" and cfg.peft.method == "auto"
+    # configs/model/pretrained.yaml: the Zephyr QLoRA recipe's values, none of tiny.yaml's
+    assert cfg.sft.trainer.learning_rate == 2.0e-4 and cfg.sft.trainer.num_train_epochs == 1
+    assert cfg.sft.trainer.lr_scheduler_type == "cosine" and cfg.sft.trainer.warmup_steps == 0.1
+    assert cfg.dpo.trainer.learning_rate == 5.0e-6 and cfg.dpo.trainer.beta == 0.01
+    assert cfg.sft.data.max_length == 4096  # min(32768 positions, max_length_cap 4096)
+    assert cfg.dpo.data.max_length == 256  # dpo still reads the bundled pairs
+    # full fine-tuning takes the full recipes' rates
+    full = compose([f"model.name_or_path={v3_checkpoint}", "peft=none"])
+    assert full.sft.trainer.learning_rate == 2.0e-5 and full.dpo.trainer.learning_rate == 5.0e-7
+    # a short context caps max_length below the cap
+    short = make_checkpoint(tmp_path / "short", context=1024)
+    assert compose([f"model.name_or_path={short}", f"sft.data.files=[{chats}]"]).sft.data.max_length == 1024
+
+
+def test_the_tiny_model_keeps_its_demo_defaults():
+    cfg = compose([])
+    assert cfg.model.name_or_path is None and cfg.model.default_peft == "none"
+    assert cfg.sft.trainer.learning_rate == 3.0e-3 and cfg.sft.trainer.num_train_epochs == 8
+    assert cfg.sft.data.max_length == 256 and cfg.dpo.data.max_length == 256
+    assert ChatFormat.resolve(cfg) == ChatFormat("mistral_v1", "mistral_v1")
+
+
+def test_bundled_max_length_does_not_apply_to_user_data(tmp_path):
+    chats = long_chats(tmp_path / "chats.jsonl", n=2)
+    cfg = compose([f"sft.data.files=[{chats}]"])
+    assert cfg.sft.data.max_length == 2048  # the tiny model's max_position_embeddings
+    assert cfg.dpo.data.max_length == 256  # still the bundled pairs
+    assert compose([f"sft.data.files=[{chats}]", "sft.data.max_length=300"]).sft.data.max_length == 300
+
+
+@pytest.mark.parametrize("template", ["mistral_v1", "mistral_v3", "mistral_v7"])
+def test_the_vocabulary_is_read_from_the_checkpoint(template, tmp_path):
+    ckpt = make_checkpoint(tmp_path / template, template)
+    cfg = compose([f"model.name_or_path={ckpt}"])
+    assert ChatFormat.resolve(cfg) == ChatFormat(template, template)
+    chatml = compose([f"model.name_or_path={ckpt}", "template=chatml"])
+    assert ChatFormat.resolve(chatml) == ChatFormat("chatml", template)  # chatml over the checkpoint's ids
+
+
+def test_a_template_of_another_vocabulary_is_refused(v3_checkpoint):
+    cfg = compose([f"model.name_or_path={v3_checkpoint}", "template=mistral_v1"])
+    with pytest.raises(UserError, match="mistral_v1 vocabulary.*has the mistral_v3 vocabulary"):
+        ChatFormat.resolve(cfg)
+
+
+def test_tekken_and_foreign_vocabularies_are_refused(tmp_path):
+    tekken = tmp_path / "tekken"
+    tekken.mkdir()
+    (tekken / "tekken.json").write_text("{}")
+    with pytest.raises(UserError, match="Tekken"):
+        ChatFormat.resolve(compose([f"model.name_or_path={tekken}"]))
+    # a v3-sized vocabulary whose pieces are not mistral-common's
+    other = make_checkpoint(tmp_path / "other", "mistral_v3")
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = "▁the", "▁of"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="differ from mistral-common"):
+        ChatFormat.resolve(compose([f"model.name_or_path={other}"]))
+
+
+def test_uncached_hub_id_says_so_without_downloading():
+    cfg = compose(["model.name_or_path=nobody-here/not-a-model-xyz"])
+    assert cfg.model.default_peft == "lora" and cfg.sft.trainer.learning_rate == 2.0e-4
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        ChatFormat.resolve(cfg)
+
+
+def test_long_chats_on_a_local_v3_checkpoint_all_kept_and_trained(v3_checkpoint, tmp_path, caplog):
+    chats = long_chats(tmp_path / "chats.jsonl")
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", f"model.name_or_path={v3_checkpoint}", f"sft.data.files=[{chats}]",
+            "logger=none", "stages=[sft]", "sft.trainer.max_steps=2", "sft.trainer.per_device_train_batch_size=2",
+            "sft.trainer.gradient_accumulation_steps=1", "sft.trainer.activation_checkpointing=false",
+            ]
+    with caplog.at_level("INFO", logger="mistral_tune"):
+        assert cli.main(["sft", *args]) == 0
+    rd = RunDir(run)
+    report = json.loads((rd.data("sft") / "report.json").read_text())
+    assert report["read"] == 20 and report["kept"] == 20 and report["too_long"] == 0, report
+    assert report["template"] == "mistral_v3" and report["length"]["max"] > 1000
+    assert json.loads(rd.chat_format.read_text()) == {"template": "mistral_v3", "vocab": "mistral_v3"}
+    metrics = json.loads((rd.stage("sft") / "manifest.json").read_text())
+    assert metrics["model"]["adapters"], "LoRA: the stage leaves an adapter on the checkpoint"
+    assert metrics["model"]["base"] == str(v3_checkpoint)
+    assert (rd.stage("sft") / "adapter_config.json").exists()
+    log = caplog.text
+    assert "resolved defaults" in log and "mistral_v3" in log and "[INST] is a control token" in log
+    # the stage trained the v3 ids: the dataset's first row equals mistral-common's encoding
+    row = json.loads(chats.read_text().splitlines()[0])
+    first = load_from_disk(str(rd.dataset("sft")))[0]["input_ids"]
+    assert first == templates.encode_chat(row["messages"], "mistral_v3").input_ids
