@@ -204,6 +204,8 @@ class PushConfig:
     include_adapters: bool = False  # also upload the adapters under adapters/<stage>
     dry_run: bool = False  # list what would be uploaded, upload nothing
     commit_message: str = "Upload model trained with mistral_tune"
+    # The card's `license`; null: the base model card's license (local folder or HF cache), if any.
+    license: Optional[str] = None
     max_retries: int = 5
 
 
@@ -236,9 +238,16 @@ class EvalConfig:
     enabled: bool = True  # the pipeline evaluates after merge
     # Held-out SFT chats (any SFT format): loss/perplexity on their trained tokens, and greedy
     # generation on their last user turn, scored by the bundled task checker where it applies.
-    files: list[str] = field(default_factory=list)
+    # null: the bundled held-out chats when SFT trains on the bundled data, else the held-out split
+    # of your own SFT rows (run_dir/data/<stage>/eval.jsonl; perplexity only, no generation).
+    files: Optional[list[str]] = None
     # Held-out preference pairs (any preference format): preference accuracy and reward margin.
-    pref_files: list[str] = field(default_factory=list)
+    # null: as files, with the bundled pairs or the held-out split of your preference rows.
+    pref_files: Optional[list[str]] = None
+    # Share of the prompts of your own data (not the bundled data, which ships held-out files) that
+    # the data stage holds out for eval, at most max_samples rows, seeded; training rows sharing a
+    # held-out prompt are dropped (counted as decontaminated). 0: no split.
+    split_fraction: float = 0.05
     # Models to evaluate, those present in run_dir: null = base and every stage in stages=[...].
     models: Optional[list[str]] = None
     max_samples: int = 100  # at most this many chats and pairs per model (each a fraction of the files)

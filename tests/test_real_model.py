@@ -152,3 +152,82 @@ def test_long_chats_on_a_local_v3_checkpoint_all_kept_and_trained(v3_checkpoint,
     row = json.loads(chats.read_text().splitlines()[0])
     first = load_from_disk(str(rd.dataset("sft")))[0]["input_ids"]
     assert first == templates.encode_chat(row["messages"], "mistral_v3").input_ids
+
+
+# --- eval on the user's own data: a seeded held-out split, decontaminated against training ------
+
+
+def short_chats(path: Path, n: int, repeats: int = 0) -> Path:
+    """n chats with distinct questions; the first `repeats` questions are asked twice (other replies)."""
+    rows = [{"messages": [{"role": "user", "content": f"Tell me fact number {i} about rivers."},
+                          {"role": "assistant", "content": f"Fact {i}: rivers carry water {i % 7} ways."}]}
+            for i in range(n)]
+    rows += [{"messages": [rows[i]["messages"][0], {"role": "assistant", "content": f"Another reply {i}."}]}
+             for i in range(repeats)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prefs(path: Path, n: int) -> Path:
+    rows = [{"prompt": f"Which river is number {i}?", "chosen": f"River {i}.", "rejected": "No idea."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_user_data_is_split_for_eval_and_decontaminated(tmp_path):
+    chats = short_chats(tmp_path / "chats.jsonl", 200, repeats=200)  # every question asked twice
+    pairs = prefs(tmp_path / "pairs.jsonl", 120)
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", f"sft.data.files=[{chats}]", f"dpo.data.files=[{pairs}]", "logger=none"]
+    assert cli.main(["data", *args]) == 0
+    rd = RunDir(run)
+    report = json.loads((rd.data("sft") / "report.json").read_text())
+    held = [json.loads(line) for line in (rd.data("sft") / "eval.jsonl").read_text().splitlines()]
+    assert len(held) == 10 == report["held_out"]["rows"]  # 5% of 200 distinct prompts
+    # each held-out question's two rows (the held-out one and the other reply) left training
+    assert report["decontaminated"] == 20 and report["kept"] == 380 and report["read"] == 400
+    held_questions = {r["messages"][0]["content"] for r in held}
+    rejects = [json.loads(line) for line in (rd.data("sft") / "rejects.jsonl").read_text().splitlines()]
+    assert len([r for r in rejects if "held out for evaluation" in r["reason"]]) == 20
+    from mistral_tune.formats.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(rd.tokenizer)
+    trained_text = "\n".join(tok.decode(r["input_ids"]) for r in load_from_disk(str(rd.dataset("sft"))))
+    assert not any(q in trained_text for q in held_questions)  # no held-out prompt trains
+    # seeded: the same split again, another seed another split
+    again = tmp_path / "again"
+    assert cli.main(["data", f"run_dir={again}", *args[1:]]) == 0
+    assert (RunDir(again).data("sft") / "eval.jsonl").read_text() == (rd.data("sft") / "eval.jsonl").read_text()
+    other = tmp_path / "other"
+    assert cli.main(["data", f"run_dir={other}", *args[1:], "seed=7"]) == 0
+    assert (RunDir(other).data("sft") / "eval.jsonl").read_text() != (rd.data("sft") / "eval.jsonl").read_text()
+    # preference pairs: 6 of 120 held out, readable by eval as pairs
+    assert json.loads((rd.data("dpo") / "report.json").read_text())["held_out"]["rows"] == 6
+    from mistral_tune.stages import evaluate
+
+    cfg = compose(args)
+    assert evaluate.eval_files(cfg, "sft") == ([str(rd.data("sft") / "eval.jsonl")], "held_out")
+    data = evaluate.load_eval_data(cfg, ChatFormat.load(rd, "test"))
+    assert len(data["loss"]) == 10 and len(data["pairs"]) == 12 and data["prompts"] == []  # no generation
+
+
+def test_bundled_eval_files_only_with_bundled_data(tmp_path):
+    from mistral_tune.stages import evaluate
+
+    cfg = compose([])
+    assert [Path(f).name for f in evaluate.eval_files(cfg, "sft")[0]] == ["eval_sft.jsonl"]
+    assert [Path(f).name for f in evaluate.eval_files(cfg, "dpo")[0]] == ["eval_dpo.jsonl"]
+    chats = short_chats(tmp_path / "c.jsonl", 3)
+    mine = compose([f"sft.data.files=[{chats}]", f"run_dir={tmp_path / 'r'}"])
+    assert evaluate.eval_files(mine, "sft") == ([], "none")  # not built yet / too small: never the bundled set
+    assert compose([f"sft.data.files=[{chats}]", "eval.files=[x.jsonl]"]).eval.files == ["x.jsonl"]
+
+
+def test_small_user_data_is_not_split(tmp_path):
+    chats = long_chats(tmp_path / "chats.jsonl", n=20)
+    run = tmp_path / "run"
+    assert cli.main(["data", f"run_dir={run}", f"sft.data.files=[{chats}]", "stages=[sft]", "logger=none"]) == 0
+    report = json.loads((RunDir(run).data("sft") / "report.json").read_text())
+    assert report["kept"] == 20 and "held_out" not in report
+    assert not (RunDir(run).data("sft") / "eval.jsonl").exists()
