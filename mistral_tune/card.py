@@ -133,8 +133,9 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
         params = {k: trainer[k] for k in keys if k in trainer}
         params["max_length"] = c.get(s["stage"], {}).get("data", {}).get("max_length")
         if method != "none":
-            params.update({f"lora_{k}" if k == "r" else k: c["peft"][k]
-                           for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in c.get("peft", {})})
+            peft = {**c.get("peft", {}), **(c.get(s["stage"], {}).get("peft") or {})}  # the stage's own over peft.*
+            params.update({f"lora_{k}" if k == "r" else k: peft[k]
+                           for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in peft})
         params.update(dtype=c.get("model", {}).get("dtype"), seed=c.get("seed"),
                       processes=c.get("launcher", {}).get("num_processes"))
         lines += ["| hyperparameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in params.items()]

@@ -171,12 +171,18 @@ class StageData:
 class SFTStage:
     data: StageData = field(default_factory=StageData)
     trainer: SFTTrainerArgs = field(default_factory=SFTTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DPOStage:
     data: StageData = field(default_factory=StageData)
     trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,6 +191,9 @@ class ORPOStage:
     # built by mistral_tune.training.trainers.build_orpo_trainer.
     data: StageData = field(default_factory=StageData)
     trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

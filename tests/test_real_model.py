@@ -231,3 +231,24 @@ def test_small_user_data_is_not_split(tmp_path):
     report = json.loads((RunDir(run).data("sft") / "report.json").read_text())
     assert report["kept"] == 20 and "held_out" not in report
     assert not (RunDir(run).data("sft") / "eval.jsonl").exists()
+
+
+def test_pipeline_on_user_data_evaluates_the_split_and_cards_it(tmp_path):
+    """Local v1 checkpoint, chatml, user chats: eval on the held-out split (perplexity, no task
+    score), a card with the base model's license and no mistral-common claim for chatml."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "mistral_v1", context=512)
+    (ckpt / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a base model\n")
+    chats = short_chats(tmp_path / "chats.jsonl", 120)
+    run = tmp_path / "run"
+    assert cli.main(["pipeline", f"run_dir={run}", f"model.name_or_path={ckpt}", "template=chatml",
+                     f"sft.data.files=[{chats}]", "stages=[sft]", "logger=none", "sft.trainer.max_steps=2",
+                     "sft.trainer.activation_checkpointing=false", "eval.batch_size=8"]) == 0
+    rd = RunDir(run)
+    results = json.loads((rd.stage("eval") / "results.json").read_text())
+    assert set(results) == {"base", "sft"}
+    for r in results.values():
+        assert r["eval_loss"] > 0 and r["perplexity"] > 1 and "task_score" not in r
+    card_text = (rd.merged / "README.md").read_text()
+    assert "license: apache-2.0" in card_text and "token-exact" not in card_text
+    assert "sft/eval.jsonl (held-out split of the training data)" in card_text
+    assert "task_score`:" not in card_text and "chats.jsonl" in card_text
