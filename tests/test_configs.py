@@ -83,6 +83,7 @@ RECIPE_VALUES = {
         "sft.trainer.lr_scheduler_type": "cosine",
         "sft.trainer.warmup_steps": 0.1,
         "dpo.data.max_length": 1024,
+        "dpo.peft": {"r": 128, "lora_alpha": 128},  # dpo/config_qlora.yaml: the DPO adapter's own rank
         "dpo.trainer.beta": 0.01,
         "dpo.trainer.learning_rate": 5.0e-6,
         "dpo.trainer.num_train_epochs": 1,

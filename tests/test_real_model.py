@@ -252,3 +252,13 @@ def test_pipeline_on_user_data_evaluates_the_split_and_cards_it(tmp_path):
     assert "license: apache-2.0" in card_text and "token-exact" not in card_text
     assert "sft/eval.jsonl (held-out split of the training data)" in card_text
     assert "task_score`:" not in card_text and "chats.jsonl" in card_text
+
+
+def test_a_stage_may_train_its_own_adapter_shape():
+    from mistral_tune.training.modeling import lora_config
+
+    cfg = compose(["experiment=zephyr_7b_beta_qlora"])
+    assert (lora_config(cfg, "sft").r, lora_config(cfg, "sft").lora_alpha) == (16, 16)  # sft/config_qlora.yaml
+    assert (lora_config(cfg, "dpo").r, lora_config(cfg, "dpo").lora_alpha) == (128, 128)  # dpo/config_qlora.yaml
+    with pytest.raises(UserError, match="dpo.peft: unknown key"):
+        lora_config(compose(["+dpo.peft.rank=8"]), "dpo")
