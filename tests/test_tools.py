@@ -264,10 +264,12 @@ def test_formats_without_tool_use_refuse_tool_rows(template):
 
 
 def _built(run: Path, name: str):
-    """The data stage's output for `name` (report.json or a dataset), wherever this version puts it."""
-    found = sorted(p for p in (run / "data").rglob(name))
-    assert found, f"no {name} under {run / 'data'}"
-    return found[0]
+    """The SFT data build's `name` (report.json, rejects.jsonl, or the dataset's dataset_info.json)."""
+    path = run / "data" / "sft" / name
+    if not path.exists():
+        path = run / "data" / "sft" / "dataset" / name
+    assert path.exists(), f"no {name} under {run / 'data' / 'sft'}"
+    return path
 
 
 @pytest.mark.parametrize("template", ["mistral_v1", "chatml", "zephyr"])
@@ -277,7 +279,7 @@ def test_data_stage_counts_refused_tool_rows_or_stops_with_one_line(tmp_path, ca
     args = ["data", f"template={template}", f"sft.data.files=[{path}]", "dpo.data.files=[]", "logger=none"]
     status = cli.main([*args, f"run_dir={tmp_path / 'skip'}", "data.on_error=skip"])
     assert status == 0, capsys.readouterr().err
-    report = json.loads(_built(tmp_path / "skip", "report.json").read_text())["sft"]
+    report = json.loads(_built(tmp_path / "skip", "report.json").read_text())
     assert (report["read"], report["kept"], report["rejected"]) == (4, 1, 3)
     rejects = [json.loads(line) for line in _built(tmp_path / "skip", "rejects.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rejects] == [1, 2, 3]
