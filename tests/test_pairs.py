@@ -178,3 +178,27 @@ def test_bad_rewards_are_user_errors(tmp_path):
     score, _ = pairs.verifier(_cfg(tmp_path, "pairs.reward=tests.test_pairs:bad_reward"))
     with pytest.raises(UserError, match="must return a float"):
         score([{"messages": [], "user": "q", "reference": None}], ["a"])
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_prompts_and_gather_on_rank_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_launch import _free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()),
+                           str(repo / "tests" / "pairs_driver.py"), str(tmp_path)],
+                          capture_output=True, text=True, cwd=repo, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "gather.json").read_text()) == [[i, i % 2] for i in range(7)]
+    report = json.loads((tmp_path / "pairs" / "report.json").read_text())
+    assert report["prompts"] == 6 and report["samples"] == 18  # every prompt sampled once, on one rank
+    prompts, _ = pairs.load_prompts(_cfg(tmp_path))
+    order = [p["user"] for p in prompts]
+    rows = _rows(tmp_path / "pairs" / "pairs.jsonl")
+    assert [order.index(r["prompt"]) for r in rows] == sorted(order.index(r["prompt"]) for r in rows)
