@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mistral_tune import runs
+from mistral_tune.errors import UserError
 from mistral_tune.launch import train
 from mistral_tune.stages import data, evaluate, merge, pairs, push
 
@@ -24,6 +25,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     overrides = list(overrides or [])
     # pairs=onpolicy: DPO's pairs are sampled from the policy it starts from, so its dataset is
     # built after the stage before it, not up front.
+    if cfg.pairs.name not in ("given", "onpolicy"):
+        raise UserError(f"pairs.name={cfg.pairs.name!r} is not one of given, onpolicy")
     sampled = "dpo" if cfg.pairs.name == "onpolicy" and "dpo" in cfg.stages else None
     for stage in cfg.stages:  # every dataset first: a bad row fails in seconds, not after SFT
         if stage != sampled:
