@@ -59,6 +59,7 @@ def test_best_and_worst_make_a_pair_and_ties_are_counted():
     scores = [[0.0, 1.0, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
     rows, report = pairs.build_pairs(q, completions, scores)
     assert len(rows) == 1 and report["ties"] == 2 and report["pairs"] == 1
+    assert report["ties_by_score"] == {"0": 1, "1": 1}
     assert rows[0]["chosen"][-1] == {"role": "assistant", "content": "b"}
     assert rows[0]["rejected"][-1] == {"role": "assistant", "content": "a"}
     assert rows[0]["chosen"][:-1] == q[0]["messages"] and rows[0]["prompt"] == "q0"

@@ -219,12 +219,12 @@ def _reward_model(cfg: DictConfig, path: str):
 
 def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], dict]:
     """Best vs worst sample per prompt; prompts whose samples all score the same are skipped."""
-    rows, ties, chosen, rejected = [], 0, [], []
+    rows, ties, chosen, rejected = [], Counter(), [], []
     for q, texts, values in zip(prompts, completions, scores):
         best = max(range(len(values)), key=lambda i: (values[i], -i))  # first of the best
         worst = min(range(len(values)), key=lambda i: (values[i], i))  # first of the worst
         if values[best] == values[worst]:
-            ties += 1
+            ties[values[best]] += 1
             continue
         rows.append({
             "prompt": q["user"],
@@ -237,7 +237,8 @@ def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[
         rejected.append(values[worst])
     flat = [v for values in scores for v in values]
     report = {
-        "prompts": len(prompts), "samples": len(flat), "pairs": len(rows), "ties": ties,
+        "prompts": len(prompts), "samples": len(flat), "pairs": len(rows), "ties": sum(ties.values()),
+        "ties_by_score": {f"{v:g}": n for v, n in sorted(ties.items())},  # a checker's 0: all k wrong
         "score_histogram": histogram(flat), "mean_score": _mean(flat),
         "chosen_mean_score": _mean(chosen), "rejected_mean_score": _mean(rejected),
     }
