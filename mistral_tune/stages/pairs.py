@@ -43,6 +43,7 @@ from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
+from mistral_tune.stages.evaluate import eval_files
 from mistral_tune.training.modeling import load_policy, start_model
 
 log = logging.getLogger("mistral_tune")
@@ -67,11 +68,12 @@ def _prompt_files(cfg: DictConfig) -> list[str]:
 def _held_out_users(cfg: DictConfig) -> set[str]:
     """The user turns of the eval files: prompts that must never be trained on."""
     users = set()
-    if cfg.eval.files:
-        for row in sources.load_rows(list(cfg.eval.files), "sft", on_error="skip").rows:
+    chats, pairs = eval_files(cfg, "sft")[0], eval_files(cfg, "dpo")[0]
+    if chats:
+        for row in sources.load_rows(list(chats), "sft", on_error="skip").rows:
             users |= {m["content"].strip() for m in row["messages"] if m["role"] == "user"}
-    if cfg.eval.pref_files:
-        for row in sources.load_rows(list(cfg.eval.pref_files), "dpo", on_error="skip").rows:
+    if pairs:
+        for row in sources.load_rows(list(pairs), "dpo", on_error="skip").rows:
             users |= {m["content"].strip() for m in row["prompt"] if m["role"] == "user"}
     return users
 
@@ -281,7 +283,7 @@ def _shard_and_gather(items: list, work) -> list | None:
 
 
 def _inputs(cfg: DictConfig, start: dict, previous: dict | None) -> dict:
-    files = [*_prompt_files(cfg), *cfg.eval.files, *cfg.eval.pref_files]
+    files = [*_prompt_files(cfg), *eval_files(cfg, "sft")[0], *eval_files(cfg, "dpo")[0]]
     digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sources.expand_files(files)}
     return {"start": previous["fingerprint"] if previous else start, "files": digests}
 
