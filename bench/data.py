@@ -88,7 +88,7 @@ def worker_mistral_tune(rows: Path, out: Path, num_proc: int, template: str, che
 
     cfg = compose([f"run_dir={out}", "logger=none", f"template={template}", "stages=[sft]",
                    f"sft.data.files=[{rows}]", "dpo.data.files=[]", "orpo.data.files=[]", "sft.data.max_length=8192",
-                   "data.dedup=exact", f"data.num_proc={num_proc}"])
+                   "data.dedup=exact", f"data.num_proc={num_proc}", "eval.split_fraction=0"])
     start = time.perf_counter()
     root = data.run(cfg)
     seconds = time.perf_counter() - start

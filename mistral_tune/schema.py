@@ -82,8 +82,12 @@ class ModelConfig:
     # MistralConfig fields for a randomly initialised model (ignored when name_or_path is set).
     config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0  # seed of the random initialisation, so the tiny base is reproducible
-    default_template: str = "mistral_v1"  # chat format used when template=auto
+    # Chat format used when template=auto; auto reads the checkpoint's vocabulary (v1, v3, v7).
+    default_template: str = "mistral_v1"
     default_peft: str = "lora"  # training method used when peft=auto
+    # A null data max_length on your own data becomes min(max_position_embeddings, this): the
+    # memory of a step grows with the longest row.
+    max_length_cap: int = 4096
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
     # auto: flash_attention_2 if installed on CUDA, else flex_attention on CUDA, sdpa on CPU
     attn_implementation: str = "auto"
@@ -168,9 +172,10 @@ class StageData:
     # Give either files or sources (data=none clears the bundled files).
     sources: list[SourceConfig] = field(default_factory=list)
     format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
-    # Rows longer than this many tokens are dropped (or truncated at a turn, data.overlong) and
-    # counted in report.json; never cut mid-turn (a cut row loses its EOS).
-    max_length: int = 1024
+    # Rows longer than this many tokens are dropped (or cut after a whole turn, data.overlong) and
+    # counted in report.json; never cut mid-turn (a cut row loses its EOS). null: 256 for the bundled
+    # files, else the model's context capped at model.max_length_cap (mistral_tune.config.resolve_model_defaults).
+    max_length: Optional[int] = None
     limit: Optional[int] = None  # keep only the first N rows (smoke tests)
 
 
@@ -178,12 +183,18 @@ class StageData:
 class SFTStage:
     data: StageData = field(default_factory=StageData)
     trainer: SFTTrainerArgs = field(default_factory=SFTTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DPOStage:
     data: StageData = field(default_factory=StageData)
     trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,6 +203,32 @@ class ORPOStage:
     # built by mistral_tune.training.trainers.build_orpo_trainer.
     data: StageData = field(default_factory=StageData)
     trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. orpo.peft={r: 64, lora_alpha: 64}.
+    peft: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PairsConfig:
+    # given: DPO trains on dpo.data as configured (the bundled, hand-written pairs by default);
+    # onpolicy: on the pairs the `pairs` stage samples from the policy DPO starts from and scores
+    # (configs/pairs/onpolicy.yaml points dpo.data.files at run_dir/pairs/pairs.jsonl).
+    name: str = "given"
+    # Chats whose prompts (each up to its last user turn) are sampled; empty: sft.data's files.
+    # Prompts of eval.files and eval.pref_files are always left out.
+    prompts_files: list[str] = field(default_factory=list)
+    max_prompts: Optional[int] = None  # the first N prompts; null: all
+    num_samples: int = 4  # completions per prompt (k); the best and the worst scored make a pair
+    temperature: float = 1.0  # sampling temperature: higher gives more varied (and more wrong) samples
+    top_p: float = 1.0  # nucleus sampling; 1.0 samples the full distribution
+    max_new_tokens: int = 16  # the longest bundled answer is 15 tokens with its EOS
+    batch_size: int = 64  # prompts per generate call (each with num_samples sequences), and scored per batch
+    # The verifier, by default the bundled tasks' exact checker (exact match with the chat's reference
+    # reply for other prompts). reward: "module:function" called as function(prompt, completion) ->
+    # float, prompt the last user turn's text; reward_model: path or hub id of a sequence-
+    # classification model, its first logit the score. At most one of the two.
+    reward: Optional[str] = None
+    reward_model: Optional[str] = None
 
 
 @dataclass
@@ -211,6 +248,8 @@ class PushConfig:
     include_adapters: bool = False  # also upload the adapters under adapters/<stage>
     dry_run: bool = False  # list what would be uploaded, upload nothing
     commit_message: str = "Upload model trained with mistral_tune"
+    # The card's `license`; null: the base model card's license (local folder or HF cache), if any.
+    license: Optional[str] = None
     max_retries: int = 5
 
 
@@ -243,9 +282,16 @@ class EvalConfig:
     enabled: bool = True  # the pipeline evaluates after merge
     # Held-out SFT chats (any SFT format): loss/perplexity on their trained tokens, and greedy
     # generation on their last user turn, scored by the bundled task checker where it applies.
-    files: list[str] = field(default_factory=list)
+    # null: the bundled held-out chats when SFT trains on the bundled data, else the held-out split
+    # of your own SFT rows (run_dir/data/<stage>/eval.jsonl; perplexity only, no generation).
+    files: Optional[list[str]] = None
     # Held-out preference pairs (any preference format): preference accuracy and reward margin.
-    pref_files: list[str] = field(default_factory=list)
+    # null: as files, with the bundled pairs or the held-out split of your preference rows.
+    pref_files: Optional[list[str]] = None
+    # Share of the prompts of your own data (not the bundled data, which ships held-out files) that
+    # the data stage holds out for eval, at most max_samples rows, seeded; training rows sharing a
+    # held-out prompt are dropped (counted as decontaminated). 0: no split.
+    split_fraction: float = 0.05
     # Models to evaluate, those present in run_dir: null = base and every stage in stages=[...].
     models: Optional[list[str]] = None
     max_samples: int = 100  # at most this many chats and pairs per model (each a fraction of the files)
@@ -290,6 +336,7 @@ class Config:
     sft: SFTStage = field(default_factory=SFTStage)
     dpo: DPOStage = field(default_factory=DPOStage)
     orpo: ORPOStage = field(default_factory=ORPOStage)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -118,3 +118,25 @@ def test_dpo_first_in_the_list_starts_from_the_base_model(tmp_path):
     assert dpo["model"] == {"base": str(run / "dpo"), "adapters": []}
     results = json.loads((run / "eval" / "results.json").read_text())
     assert list(results) == ["base", "dpo"] and results["dpo"]["reference"] == "base"
+
+
+@pytest.mark.slow
+def test_orpo_as_a_single_stage_pipeline(tmp_path):
+    """`mistral-tune pipeline "stages=[orpo]"`: data -> orpo -> merge -> eval from the base model,
+    with no reference model; a chat-ready merged model and an orpo row in the results."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    assert cli.main(["pipeline", f"run_dir={run}", "stages=[orpo]", "logger=none", "orpo.trainer.max_steps=2",
+                     "orpo.data.limit=32", "eval.max_samples=4"]) == 0
+    orpo = json.loads((run / "orpo" / "manifest.json").read_text())
+    assert orpo["metrics"]["global_step"] == 2 and orpo["metrics"]["tokens"] > 0
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["format.json", "orpo"]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert list(results) == ["base", "orpo"] and results["orpo"]["reference"] == "base"
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    model = AutoModelForCausalLM.from_pretrained(run / "merged")
+    inputs = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+    assert "orpo" in (run / "merged" / "README.md").read_text()

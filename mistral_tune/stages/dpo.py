@@ -9,7 +9,6 @@ second model in memory); with full training the reference is a frozen copy of th
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 from mistral_tune import runs
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.training.modeling import load_policy, load_start, lora_config, model_ref_after, resolve_peft, start_model
+from mistral_tune.training.modeling import drop_start_copy, load_policy, load_start, lora_config, model_ref_after, resolve_peft, start_model
 from mistral_tune.training.trainers import build_dpo_trainer, dpo_reference, loss_history, train_and_save
 
 log = logging.getLogger("mistral_tune")
@@ -44,12 +43,11 @@ def run(cfg: DictConfig) -> Path:
 
     trainer, metrics = train_and_save(cfg, "dpo", out, lambda report_to: build_dpo_trainer(
         cfg, model, ref_model, tokenizer, train_dataset, out, report_to,
-        peft_config=lora_config(cfg) if method != "none" else None,
+        peft_config=lora_config(cfg, "dpo") if method != "none" else None,
     ), {"method": method, "pairs": len(train_dataset), "reference": ref_kind})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "dpo", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)
-    if runs.is_main_process():
-        shutil.rmtree(out / "start_policy", ignore_errors=True)  # QLoRA scratch copy; merge rebuilds
+    drop_start_copy(out)
     runs.wait_for_everyone()
     return out

@@ -8,7 +8,6 @@ config.yaml, metrics.json, and manifest.json last.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -16,7 +15,7 @@ from omegaconf import DictConfig
 from mistral_tune import runs
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.training.modeling import load_start, lora_config, model_ref_after, resolve_peft, start_model
+from mistral_tune.training.modeling import drop_start_copy, load_start, lora_config, model_ref_after, resolve_peft, start_model
 from mistral_tune.training.trainers import build_sft_trainer, loss_history, train_and_save
 
 log = logging.getLogger("mistral_tune")
@@ -41,12 +40,11 @@ def run(cfg: DictConfig) -> Path:
 
     trainer, metrics = train_and_save(cfg, "sft", out, lambda report_to: build_sft_trainer(
         cfg, model, tokenizer, train_dataset, out, report_to,
-        peft_config=lora_config(cfg) if method != "none" else None,
+        peft_config=lora_config(cfg, "sft") if method != "none" else None,
     ), {"method": method})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "sft", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)
-    if runs.is_main_process():
-        shutil.rmtree(out / "start_policy", ignore_errors=True)  # QLoRA scratch copy; merge rebuilds
+    drop_start_copy(out)
     runs.wait_for_everyone()
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -134,18 +135,30 @@ def load_model(path: str, cfg: DictConfig, quantize: bool = False, dtype: torch.
         raise UserError(f"cannot load model from {path!r}: {str(err).splitlines()[0]}") from None
 
 
-def lora_config(cfg: DictConfig):
+STAGE_PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+
+
+def lora_config(cfg: DictConfig, stage: str | None = None):
+    """peft.*, with `<stage>.peft` over it: each stage trains its own adapter, so each may have its
+    own rank (Zephyr's QLoRA recipe: r=16 for SFT, r=128 for DPO)."""
     from peft import LoraConfig
 
-    targets = cfg.peft.target_modules
+    settings = {k: cfg.peft[k] for k in STAGE_PEFT_KEYS}
+    if stage is not None:
+        extra = OmegaConf.to_container(cfg[stage].peft, resolve=True) if cfg[stage].get("peft") else {}
+        unknown = set(extra) - set(STAGE_PEFT_KEYS)
+        if unknown:
+            raise UserError(f"{stage}.peft: unknown key(s) {sorted(unknown)}; per-stage keys: {', '.join(STAGE_PEFT_KEYS)}")
+        settings.update(extra)
+    targets = settings["target_modules"]
     if not isinstance(targets, str):
         targets = list(targets)
     return LoraConfig(
-        r=cfg.peft.r,
-        lora_alpha=cfg.peft.lora_alpha,
-        lora_dropout=cfg.peft.lora_dropout,
+        r=settings["r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
         target_modules=targets,
-        use_rslora=cfg.peft.use_rslora,
+        use_rslora=settings["use_rslora"],
         task_type="CAUSAL_LM",
     )
 
@@ -186,6 +199,12 @@ def load_start(cfg: DictConfig, start: dict, method: str, out: Path):
         load_policy(cfg, start, dtype=torch.bfloat16).save_pretrained(merged, safe_serialization=True)
     wait_for_everyone()
     return load_model(str(merged), cfg, quantize=True)
+
+
+def drop_start_copy(out: Path) -> None:
+    """Remove load_start's QLoRA scratch copy once the stage is done (merge rebuilds from refs)."""
+    if is_main_process():
+        shutil.rmtree(out / "start_policy", ignore_errors=True)
 
 
 def model_ref_after(stage_out: Path, method: str, previous: dict) -> dict:
