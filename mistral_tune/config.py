@@ -51,8 +51,9 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     setup()
     GlobalHydra.instance().clear()
     config_name = config_name or os.environ.get("MISTRAL_TUNE_CONFIG_NAME") or "config"
+    primary_dir, overrides = _primary_dir(config_name, overrides)
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(str(primary_dir), version_base="1.3"):
             cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
             hydra_node = cfg.pop("hydra")
@@ -69,6 +70,19 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
         raise UserError(unknown_key_message(unknown[0]))
     check_stages(list(cfg.stages))
     return cfg, choices
+
+
+def _primary_dir(config_name: str, overrides: list[str]) -> tuple[Path, list[str]]:
+    """Hydra 1.3 looks the primary config up before it applies `hydra.searchpath`: a primary config
+    of a user config dir (--config-name) makes that dir the primary one, with the shipped configs
+    on the search path (so its `defaults: [config]` finds ours)."""
+    searchpath = next((o for o in overrides if o.startswith("hydra.searchpath=")), "")
+    dirs = re.findall(r"'file://([^']+)'", searchpath)
+    for d in dirs:
+        if config_name != "config" and (Path(d) / f"{config_name}.yaml").exists():
+            entries = ",".join(f"'file://{x}'" for x in [*dirs, str(CONFIG_DIR)])
+            return Path(d), [o for o in overrides if o != searchpath] + [f"hydra.searchpath=[{entries}]"]
+    return CONFIG_DIR, overrides
 
 
 def check_stages(stages: list[str]) -> None:
