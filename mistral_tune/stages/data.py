@@ -270,6 +270,26 @@ def show_examples(examples: list[dict], tokenizer, n: int) -> None:
         print("-" * 40)
 
 
+def show_pairs(examples: list[dict], tokenizer, n: int) -> None:
+    """Print preference pairs: the prompt, then each completion (all of it trained) in [[...]]."""
+    for e in examples[:n]:
+        print("prompt:   " + tokenizer.decode(e["prompt_ids"]).replace("\n", "\\n"))
+        print("chosen:   [[" + tokenizer.decode(e["chosen_ids"]).replace("\n", "\\n") + "]]")
+        print("rejected: [[" + tokenizer.decode(e["rejected_ids"]).replace("\n", "\\n") + "]]")
+        print("-" * 40)
+
+
+def show_built(run_dir: RunDir, kind: str, n: int) -> None:
+    """`data.show=N`: the first N examples of the built dataset on disk, as the trainer reads them."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(run_dir.dataset(kind)))
+    examples = [dataset[i] for i in range(min(n, len(dataset)))]
+    print(f"data/{kind}: the first {len(examples)} of {len(dataset)} examples (trained tokens in [[...]])")
+    show = show_examples if DATA_LAYOUT[kind] == "sft" else show_pairs
+    show(examples, load_tokenizer(run_dir.tokenizer), n)
+
+
 def has_data(cfg: DictConfig, kind: str) -> bool:
     return bool(cfg[kind].data.files or cfg[kind].data.sources)
 
@@ -319,6 +339,8 @@ def build(cfg: DictConfig, kind: str) -> None:
     stage, out = runs.data_stage(kind), run_dir.data(kind)
     inputs = cache_inputs(cfg, kind, fmt)
     if runs.check_done(cfg, stage, inputs):
+        if cfg.data.show:  # a finished build is shown as it is, never rebuilt for it
+            show_built(run_dir, kind, cfg.data.show)
         return
     runs.write_stage_config(cfg, stage)
     decontaminator = cleaning.Decontaminator(list(cfg.data.decontaminate.files), cfg.data.decontaminate.ngram)
@@ -340,10 +362,10 @@ def build(cfg: DictConfig, kind: str) -> None:
     mixed = f"; {r['examples']} examples after weights" if r["examples"] != r["kept"] else ""
     log.info("data/%s: read %d, kept %d, rejected %d%s, too long %d%s; %d tokens",
              kind, r["read"], r["kept"], r["rejected"], extra, r["too_long"], mixed, r["tokens"])
-    if DATA_LAYOUT[kind] == "sft" and cfg.data.show:
-        show_examples(examples, load_tokenizer(run_dir.tokenizer), cfg.data.show)
     sources.write_rejects(rejects, out / "rejects.jsonl")
     write_histogram(kind, [example_length(e) for e in examples], cfg[kind].data.max_length, out / HISTOGRAM)
     report["histogram"] = HISTOGRAM
     runs.write_json(out / "report.json", report)
     runs.finish_stage(cfg, stage, {"format": asdict(fmt), "report": report}, inputs)
+    if cfg.data.show:
+        show_built(run_dir, kind, cfg.data.show)
