@@ -8,7 +8,9 @@ cannot be checked from here and is refused, with the path to remove.
 
 Under `launcher=...` the command re-runs itself as `accelerate launch ... -m mistral_tune <stage>`:
 the launching process holds the lock and exports its identity in MISTRAL_TUNE_LOCK_HOLDER; the
-launched ranks find their holder's identity in the lock file and proceed without taking it.
+launched ranks find their holder's identity in the lock file and proceed without taking it. A
+launch started by hand (`accelerate launch -m mistral_tune sft`, the SLURM script) has no parent
+of ours: its rank 0 takes the lock, and the other ranks (RANK > 0) never take it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def acquire(run_dir: str | Path, command: str) -> Path | None:
     from mistral_tune.runs import RunDir
 
     path = RunDir(Path(run_dir)).lock
+    if os.environ.get("RANK", "0") != "0":
+        return None  # a rank other than 0 of a launch (torchrun, accelerate, SLURM): rank 0 holds it
     inherited = os.environ.get(HOLDER_ENV)
     if inherited:
         holder = read_holder(path)

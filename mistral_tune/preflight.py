@@ -58,8 +58,8 @@ def check_model_folder(path: Path, key: str = "model.name_or_path") -> None:
             base = None
         raise UserError(
             f"{key}={path} holds a PEFT adapter, not a model" + (f" (its base: {base})" if base else ""),
-            hint=f"give the base, model.name_or_path={base or 'BASE'}, and continue training the adapter with "
-                 f"sft.init_adapter={path}; or merge it first (`mistral-tune merge` writes run_dir/merged)",
+            hint=f"give the base, model.name_or_path={base or 'BASE'}; to start from base + adapter, merge them first "
+                 "(a mistral_tune run's is run_dir/merged; else peft's merge_and_unload().save_pretrained(DIR))",
         )
     config = path / "config.json"
     if not config.exists():

@@ -17,6 +17,7 @@ from mistral_tune.errors import UserError
 @pytest.fixture(autouse=True)
 def no_inherited_holder(monkeypatch):
     monkeypatch.delenv(lock.HOLDER_ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
 
 
 def dead_pid() -> int:
@@ -87,3 +88,15 @@ def test_second_command_in_a_busy_run_dir_is_refused_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and len(err) <= 3, proc.stderr
     assert f"process {os.getpid()} on {socket.gethostname()}" in proc.stderr and "busy" in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_only_rank_0_of_a_hand_started_launch_takes_the_lock(tmp_path, monkeypatch):
+    """`accelerate launch -m mistral_tune sft` (or the SLURM script): no parent of ours holds it."""
+    monkeypatch.setenv("RANK", "0")
+    with lock.run_dir_lock(tmp_path, "sft") as path:
+        assert path is not None
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.delenv(lock.HOLDER_ENV)  # a sibling rank never saw rank 0's environment
+        assert lock.acquire(tmp_path, "sft") is None  # proceeds, takes nothing
+        monkeypatch.setenv("RANK", "0")
+    assert not (tmp_path / ".lock").exists()
