@@ -20,6 +20,7 @@ from mistral_tune.errors import UserError
 # The primary config name travels in the environment, so the ranks that `launcher=` starts
 # (`python -m mistral_tune <stage> <overrides>`) compose the same primary config as their parent.
 CONFIG_NAME_ENV = "MISTRAL_TUNE_CONFIG_NAME"
+CONFIG_DIRS_ENV = "MISTRAL_TUNE_CONFIG_DIRS"  # --config-dir, likewise (also for a sweep job's ranks)
 
 
 @dataclass
@@ -228,6 +229,11 @@ def info(command: str, args: Args, choices: dict) -> str:
 
 
 def set_search_dirs(args: Args) -> None:
+    """Remember --config-dir and --config-name, here and for every process this one starts."""
     _SEARCH_DIRS[:] = args.search_dirs
+    if args.search_dirs:
+        os.environ[CONFIG_DIRS_ENV] = os.pathsep.join(map(str, args.search_dirs))
+    elif os.environ.get(CONFIG_DIRS_ENV):  # a launched rank: its parent's dirs
+        _SEARCH_DIRS[:] = [Path(d) for d in os.environ[CONFIG_DIRS_ENV].split(os.pathsep)]
     if args.config_name:
         os.environ[CONFIG_NAME_ENV] = args.config_name

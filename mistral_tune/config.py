@@ -51,6 +51,10 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     setup()
     GlobalHydra.instance().clear()
     config_name = config_name or os.environ.get("MISTRAL_TUNE_CONFIG_NAME") or "config"
+    inherited = os.environ.get("MISTRAL_TUNE_CONFIG_DIRS")  # a launched rank of a --config-dir command
+    if inherited and not any(o.startswith("hydra.searchpath=") for o in overrides):
+        entries = ",".join(f"'file://{d}'" for d in inherited.split(os.pathsep))
+        overrides = [*overrides, f"hydra.searchpath=[{entries}]"]
     primary_dir, overrides = _primary_dir(config_name, overrides)
     try:
         with initialize_config_dir(str(primary_dir), version_base="1.3"):

@@ -42,6 +42,7 @@ def fresh_cli_state():
     """main() records --config-name for launched ranks in the environment: not for the next test."""
     yield
     os.environ.pop(cli_args.CONFIG_NAME_ENV, None)
+    os.environ.pop(cli_args.CONFIG_DIRS_ENV, None)
     cli_args.set_search_dirs(cli_args.Args())
 
 
@@ -78,6 +79,14 @@ def test_config_dir_experiment_and_model_files(user_dir, capsys):
         shown = yaml.safe_load(capsys.readouterr().out)
         assert shown["sft"]["trainer"]["learning_rate"] == 1.5e-5
         assert shown["model"]["init_seed"] == 7  # DIR/model/small.yaml, chosen by the experiment
+    assert os.environ[cli_args.CONFIG_DIRS_ENV] == str(user_dir)  # for the ranks a launcher starts
+
+
+def test_launched_rank_inherits_the_config_dir(user_dir, capsys, monkeypatch):
+    """A rank started by `launcher=` (or a sweep job's) gets overrides without the flag."""
+    monkeypatch.setenv(cli_args.CONFIG_DIRS_ENV, str(user_dir))
+    assert main(["sft", "experiment=mine", "--cfg", "job"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["sft"]["trainer"]["learning_rate"] == 1.5e-5
 
 
 def test_experiment_file_outside_any_config_dir(user_dir, tmp_path_factory, capsys):
