@@ -8,8 +8,9 @@
 2. Every configuration trains in a fresh subprocess (`--worker NAME`), so its peak RSS is its own.
    Both sides get the same hyperparameters: the default pipeline's `sft.trainer`/`dpo.trainer`
    (built by `mistral_tune.training.trainers.trl_args`), with only batch size and step count set here.
-   mistral_tune's rows use the trainers the stages use (`LeanSFTTrainer`, `dpo._trainer_class()`);
-   TRL's rows use `trl.SFTTrainer`/`trl.DPOTrainer` unchanged.
+   mistral_tune's rows are built by the functions the stages call (`mistral_tune.training.trainers`:
+   `build_sft_trainer`, `build_dpo_trainer` with `dpo_reference`'s choice); TRL's rows use
+   `trl.SFTTrainer`/`trl.DPOTrainer` unchanged.
    - SFT: both sides get the pre-tokenized `input_ids`/`assistant_masks` dataset (the same ids).
    - DPO: mistral_tune gets its pre-tokenized `prompt_ids`/`chosen_ids`/`rejected_ids`; TRL gets the
      conversational prompt/chosen/rejected rows and our HF tokenizer, whose chat template renders the
@@ -280,12 +281,10 @@ def worker(args, name: str) -> dict:
     from trl.trainer.utils import compute_flops_per_token
 
     from mistral_tune.runs import RunDir
-    from mistral_tune.stages import dpo
     from mistral_tune.config import compose
-    from mistral_tune.training.lean import lean_sft_trainer
     from mistral_tune.training.modeling import load_model, lora_config
     from mistral_tune.formats.tokenizer import load_tokenizer
-    from mistral_tune.training.trainers import trl_args
+    from mistral_tune.training.trainers import build_dpo_trainer, build_sft_trainer, dpo_reference, trl_args
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,20 +306,18 @@ def worker(args, name: str) -> dict:
     t_import = time.perf_counter() - t_start
     t0 = time.perf_counter()
     peft_config = lora_config(cfg) if peft != "none" else None
-    if stage == "sft":
-        cls = lean_sft_trainer() if side == "mistral_tune" else SFTTrainer
-        trainer = cls(model=model, args=trl_args(cfg, "sft", SFTConfig, out, []), train_dataset=ours,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+    if stage == "sft" and side == "mistral_tune":
+        trainer = build_sft_trainer(cfg, model, tokenizer, ours, out, [], peft_config=peft_config, callbacks=[Clock()])
+    elif stage == "sft":
+        trainer = SFTTrainer(model=model, args=trl_args(cfg, "sft", SFTConfig, out, []), train_dataset=ours,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
     else:
-        dargs = trl_args(cfg, "dpo", DPOConfig, out, [])
-        if side == "mistral_tune":
-            # as dpo.py: full training keeps a frozen copy of the starting policy as the reference; with
-            # precomputed reference log-probs none is kept (TRL computes them with the initial policy)
-            precompute = cfg.dpo.trainer.get("precompute_ref_log_probs", False)
-            ref = load_model(str(run_dir / "base"), cfg) if peft == "none" and not precompute else None
-            trainer = dpo._trainer_class()(model=model, ref_model=ref, args=dargs, train_dataset=ours,
-                                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+        if side == "mistral_tune":  # the dpo stage's reference choice (the bench's policy is the base)
+            ref, _ = dpo_reference(cfg, peft, lambda: load_model(str(run_dir / "base"), cfg))
+            trainer = build_dpo_trainer(cfg, model, ref, tokenizer, ours, out, [], peft_config=peft_config,
+                                        callbacks=[Clock()])
         else:  # TRL's default: it loads the reference itself (full) or disables the adapter (LoRA)
+            dargs = trl_args(cfg, "dpo", DPOConfig, out, [])
             trainer = DPOTrainer(model=model, args=dargs, train_dataset=trl_dpo_rows(args.dpo_data),
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
     setup = time.perf_counter() - t0

@@ -122,8 +122,9 @@ COMMAND_HELP = {
             ["dpo.data.files", "dpo.data.max_length", "dpo.trainer.beta", "dpo.trainer.learning_rate",
              "dpo.trainer.num_train_epochs", "dpo.trainer.max_steps", "dpo.trainer.per_device_train_batch_size",
              "peft.method"]),
-    "orpo": ("Odds-ratio preference optimisation (no reference model) into run_dir/orpo; use stages=[orpo].",
-             ["dpo.data.files", "dpo.data.max_length", "peft.method"]),
+    "orpo": ("Odds-ratio preference optimisation (no reference model) into run_dir/orpo; stages=[orpo] trains it from the base.",
+             ["stages", "orpo.data.files", "orpo.data.max_length", "orpo.trainer.beta", "orpo.trainer.learning_rate",
+              "orpo.trainer.num_train_epochs", "orpo.trainer.max_steps", "peft.method"]),
     "merge": ("Merge the adapters of the last stage into full-precision weights: run_dir/merged.",
               ["merge.dtype", "merge.atol", "merge.max_shard_size"]),
     "eval": ("Evaluate the base model and each trained stage side by side on held-out data: run_dir/eval.",
@@ -193,7 +194,10 @@ def _trl_default(key: str):
     stage, _, name = key.split(".", 2)
     import trl
 
-    cls = trl.SFTConfig if stage == "sft" else trl.DPOConfig
+    if stage == "orpo":
+        from trl.experimental.orpo import ORPOConfig as cls
+    else:
+        cls = trl.SFTConfig if stage == "sft" else trl.DPOConfig
     for f in dataclasses.fields(cls):
         if f.name == name:
             return f.default if f.default is not dataclasses.MISSING else "?"

@@ -135,7 +135,7 @@ def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
 def unknown_key_message(key: str) -> str:
     from mistral_tune.schema import OWNED_TRAINER_FIELDS
 
-    stage_key = re.fullmatch(r"(sft|dpo)\.trainer\.(\w+)", key)
+    stage_key = re.fullmatch(r"(sft|dpo|orpo)\.trainer\.(\w+)", key)
     if stage_key and stage_key.group(2) in OWNED_TRAINER_FIELDS:
         return f"'{key}' is set by mistral_tune: {OWNED_TRAINER_FIELDS[stage_key.group(2)]}"
     hint = ""

@@ -2,8 +2,8 @@
 
 Every node is a dataclass, so a misspelt key (``sft.trainer.learning_rat=1``) or a value of the
 wrong type is a composition error, never a silently ignored value. The per-stage TRL arguments
-(``sft.trainer.*``, ``dpo.trainer.*``) are dataclasses generated from TRL's own ``SFTConfig`` and
-``DPOConfig`` fields, so every argument the pinned TRL accepts can be set from the command line,
+(``sft.trainer.*``, ``dpo.trainer.*``, ``orpo.trainer.*``) are dataclasses generated from TRL's own
+``SFTConfig``, ``DPOConfig`` and (experimental) ``ORPOConfig`` fields, so every argument the pinned TRL accepts can be set from the command line,
 and nothing else can. Unset trainer fields stay ``???`` (MISSING) and TRL's own default applies.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -56,15 +57,20 @@ def trainer_schema(trl_config_cls: type, name: str) -> type:
     return dataclasses.make_dataclass(name, fields)
 
 
-def _trl_configs() -> tuple[type, type]:
+def _trl_configs() -> tuple[type, type, type]:
     from trl import DPOConfig, SFTConfig
 
-    return SFTConfig, DPOConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "You are importing from 'trl.experimental'"
+        from trl.experimental.orpo import ORPOConfig
+
+    return SFTConfig, DPOConfig, ORPOConfig
 
 
-_SFT, _DPO = _trl_configs()
+_SFT, _DPO, _ORPO = _trl_configs()
 SFTTrainerArgs = trainer_schema(_SFT, "SFTTrainerArgs")
 DPOTrainerArgs = trainer_schema(_DPO, "DPOTrainerArgs")
+ORPOTrainerArgs = trainer_schema(_ORPO, "ORPOTrainerArgs")
 
 
 @dataclass
@@ -79,7 +85,8 @@ class ModelConfig:
     default_template: str = "mistral_v1"  # chat format used when template=auto
     default_peft: str = "lora"  # training method used when peft=auto
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
-    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
+    # auto: flash_attention_2 if installed on CUDA, else flex_attention on CUDA, sdpa on CPU
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False  # never run a checkpoint's own code unless you ask for it
 
 
@@ -165,6 +172,14 @@ class SFTStage:
 class DPOStage:
     data: StageData = field(default_factory=StageData)
     trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
+
+
+@dataclass
+class ORPOStage:
+    # ORPO (reference-free preference tuning, TRL's experimental ORPOTrainer) on preference rows;
+    # built by mistral_tune.training.trainers.build_orpo_trainer.
+    data: StageData = field(default_factory=StageData)
+    trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
 
 
 @dataclass
@@ -271,6 +286,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTStage = field(default_factory=SFTStage)
     dpo: DPOStage = field(default_factory=DPOStage)
+    orpo: ORPOStage = field(default_factory=ORPOStage)
     merge: MergeConfig = field(default_factory=MergeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -59,7 +59,7 @@ def trainer_for(mode: str, dataset, out: Path, **kw):
     so the reference is the initial policy, adapter included)."""
     from trl import DPOConfig
 
-    from mistral_tune.stages import dpo
+    from mistral_tune.training.trainers import dpo_trainer_class
     from mistral_tune.formats.tokenizer import build_hf_tokenizer
 
     args = DPOConfig(**{**dict(
@@ -77,7 +77,7 @@ def trainer_for(mode: str, dataset, out: Path, **kw):
     else:
         model = tiny_mistral(vocab_size=VOCAB, seed=1).train()
         ref = tiny_mistral(vocab_size=VOCAB, seed=0) if mode == "full" else None
-    return dpo._trainer_class()(model=model, ref_model=ref, args=args, train_dataset=dataset,
+    return dpo_trainer_class()(model=model, ref_model=ref, args=args, train_dataset=dataset,
                                 processing_class=build_hf_tokenizer("mistral_v1"), peft_config=peft_config)
 
 

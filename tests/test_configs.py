@@ -25,9 +25,9 @@ from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.training.modeling import lora_config
 from mistral_tune.schema import OWNED_TRAINER_FIELDS
 from mistral_tune.formats.templates import ALL_TEMPLATES
-from mistral_tune.training.trainers import trl_args
+from mistral_tune.training.trainers import orpo_config_class, trl_args
 
-STAGES = {"sft": SFTConfig, "dpo": DPOConfig}
+STAGES = {"sft": SFTConfig, "dpo": DPOConfig, "orpo": orpo_config_class()}  # orpo: configs/orpo_trainer/
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUPS = ("model", "peft", "template", "logger", "launcher", "data")
 GROUP_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]

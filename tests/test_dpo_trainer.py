@@ -9,8 +9,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig
 
-from mistral_tune.stages import dpo
-from mistral_tune.training import lean as lean_module
+from mistral_tune.training import trainers
 from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from tests.helpers import tiny_mistral
 
@@ -30,7 +29,7 @@ def _pairs(n=8, seed=0):
 
 def _train(tmp_path, lean: bool, monkeypatch, **kw):
     if not lean:  # the same trainer with TRL's own fused LM head left in place
-        monkeypatch.setattr(lean_module, "lean_heads", lambda *modules: contextlib.nullcontext())
+        monkeypatch.setattr(trainers, "lean_heads", lambda *modules: contextlib.nullcontext())
     else:
         monkeypatch.undo()
     model = tiny_mistral(vocab_size=VOCAB, sliding_window=8).train()
@@ -40,7 +39,7 @@ def _train(tmp_path, lean: bool, monkeypatch, **kw):
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", seed=0,
         gradient_checkpointing=False, per_device_train_batch_size=8, beta=0.1, **kw,
     )
-    trainer = dpo._trainer_class()(model=model, ref_model=ref, args=args, train_dataset=_pairs(),
+    trainer = trainers.dpo_trainer_class()(model=model, ref_model=ref, args=args, train_dataset=_pairs(),
                                    processing_class=build_hf_tokenizer("mistral_v1"))
     trainer.train()
     logs = next(e for e in trainer.state.log_history if "loss" in e)

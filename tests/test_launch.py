@@ -475,3 +475,19 @@ def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
         assert "--num_machines 2 --num_processes 16" in call
         assert "--main_process_ip node-a" in call
         assert call.endswith("-m mistral_tune dpo run_dir=/shared/r x experiment=zephyr_7b_beta_full")
+
+
+@pytest.mark.slow
+def test_every_training_command_honours_the_launcher(tmp_path):
+    """`mistral-tune sft launcher=ddp launcher.num_processes=2` re-launches itself under accelerate
+    (not only `pipeline`): 2 ranks train, metrics.json says so, and the ranks' output streams
+    through the parent."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mistral_tune", "sft", f"run_dir={run_dir}", "launcher=ddp",
+                           "launcher.num_processes=2", "logger=none", "sft.data.limit=64", *SMALL],
+                          cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate.commands.launch" in proc.stderr and "sft: 3 steps" in proc.stdout
+    assert _manifest(run_dir, "sft")["metrics"]["world_size"] == 2
+    _assert_two_ranks_trained(run_dir / "sft")
+    _assert_one_writer(run_dir, {"data/sft", "sft"})

@@ -107,8 +107,8 @@ def test_precompute_uses_the_lean_head(tmp_path, data_dir):
     seen = []
     original = lean.add_lean_lm_head
 
-    def spy(model, outputs=("log_probs",)):
-        original(model, outputs)
+    def spy(model, outputs=("log_probs",), **kwargs):
+        original(model, outputs, **kwargs)
         model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
 
     lean.add_lean_lm_head = spy

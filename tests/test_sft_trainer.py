@@ -1,4 +1,4 @@
-"""LeanSFTTrainer against TRL's own SFTTrainer, and gradient-accumulation normalisation."""
+"""Our SFT trainer (trainers.sft_trainer_class: lean LM head) against TRL's own SFTTrainer, and gradient-accumulation normalisation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from mistral_tune.training.lean import lean_sft_trainer
+from mistral_tune.training.trainers import sft_trainer_class
 from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from tests.helpers import random_examples, tiny_mistral
 
@@ -43,7 +43,7 @@ def _train(trainer_cls, tmp_path, tokenizer, **kw):
 def test_lean_trainer_matches_trl_trainer(tmp_path, tokenizer):
     """Same data, same step: the lean loss and the updated weights equal TRL's fused computation."""
     loss_trl, w_trl = _train(SFTTrainer, tmp_path / "trl", tokenizer, per_device_train_batch_size=8)
-    loss_lean, w_lean = _train(lean_sft_trainer(), tmp_path / "lean", tokenizer, per_device_train_batch_size=8)
+    loss_lean, w_lean = _train(sft_trainer_class(), tmp_path / "lean", tokenizer, per_device_train_batch_size=8)
     assert loss_lean == pytest.approx(loss_trl, rel=1e-5)
     for name in w_trl:
         torch.testing.assert_close(w_lean[name], w_trl[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -53,7 +53,7 @@ def test_lean_trainer_matches_trl_trainer(tmp_path, tokenizer):
 def test_gradient_accumulation_equals_larger_batch(tmp_path, tokenizer, padding_free):
     """The loss is the mean over all trained tokens of the accumulated batch, not a mean of
     per-micro-batch means: 4 micro-batches of 2 take the same step as one batch of 8."""
-    cls = lean_sft_trainer()
+    cls = sft_trainer_class()
     _, big = _train(cls, tmp_path / "big", tokenizer, per_device_train_batch_size=8, padding_free=padding_free)
     _, acc = _train(cls, tmp_path / "acc", tokenizer, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                     padding_free=padding_free)

@@ -134,8 +134,8 @@ BAD_SFT = [
                  "missing field 'content'", id="missing-content"),
     pytest.param({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
                  "messages[0].content", "missing field 'content'", id="null-content"),
-    pytest.param({"messages": msgs(("user", "Hi"), ("tool", "42"))}, "messages[1].role",
-                 "unknown role 'tool'; expected one of system, user, assistant", id="unknown-role"),
+    pytest.param({"messages": msgs(("user", "Hi"), ("function", "42"))}, "messages[1].role",
+                 "unknown role 'function'; expected one of system, user, assistant, tool", id="unknown-role"),
     pytest.param({"messages": msgs(("user", "Hi"), ("user", "Hi again"), ("assistant", "x"))}, "messages[1].role",
                  "roles out of order: expected assistant, got user", id="user-user"),
     pytest.param({"messages": msgs(("assistant", "x"), ("user", "Hi"), ("assistant", "y"))}, "messages[0].role",
@@ -265,9 +265,9 @@ BAD_DPO = [
                   "rejected": "b"}, "chosen[2].role", "roles out of order: expected user, got assistant",
                  id="chosen-out-of-order"),
     pytest.param({"prompt": "Q", "chosen": msgs(("user", "Q"), ("bot", "a")), "rejected": "b"}, "chosen[1].role",
-                 "unknown role 'bot'; expected one of system, user, assistant", id="chosen-unknown-role"),
+                 "unknown role 'bot'; expected one of system, user, assistant, tool", id="chosen-unknown-role"),
     pytest.param({"prompt": msgs(("user", "Q"), ("assistant", "a")), "chosen": "x", "rejected": "y"}, "prompt",
-                 "conversation must end with a user message, not assistant", id="prompt-ends-with-assistant"),
+                 "conversation must end with a user or tool message, not assistant", id="prompt-ends-with-assistant"),
     pytest.param({"prompt": msgs(("user", "")), "chosen": "x", "rejected": "y"}, "prompt[0].content",
                  "empty content", id="prompt-empty-content"),
     pytest.param({"prompt": "Q", "chosen": msgs(("user", "Q"), ("assistant", "same")),
@@ -355,7 +355,7 @@ def test_raise_mode_names_file_row_field_reason_and_hint(tmp_path):
         load_rows([path], "sft")
     text = str(info.value)
     assert text.splitlines() == [
-        f"{path}, line 3, field messages[1].role: unknown role 'robot'; expected one of system, user, assistant",
+        f"{path}, line 3, field messages[1].role: unknown role 'robot'; expected one of system, user, assistant, tool",
         "hint: fix the row, or set data.on_error=skip to skip bad rows (each is counted and reported)"]
     assert info.value.hint and "data.on_error=skip" in info.value.hint
 

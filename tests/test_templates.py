@@ -261,7 +261,7 @@ def test_self_check_catches_a_changed_reference(monkeypatch):
         (lambda: encode_chat([{"role": "user", "content": "q"}], "mistral_v3"), "end with a 'assistant'"),
         (lambda: encode_prompt([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v3"), "end with a 'user'"),
         (lambda: encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "mistral_v1"), "empty"),
-        (lambda: encode_chat([{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v1"), "role"),
+        (lambda: encode_chat([{"role": "function", "content": "q"}, {"role": "assistant", "content": "a"}], "mistral_v1"), "role"),
         (lambda: encode_prompt([], "mistral_v1"), "Empty"),
     ],
 )

@@ -16,6 +16,7 @@ and whitespace never hide a copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import unicodedata
@@ -45,10 +46,18 @@ def words(text: str) -> list[str]:
 def row_text(row: dict, kind: str) -> str:
     """All the text of a normalised row, each message prefixed by its role."""
     messages = row["messages"] if kind == "sft" else row["prompt"]
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    text = "\n".join(f"{m['role']}: {_message_text(m)}" for m in messages)
     if kind == "dpo":
-        text += f"\nchosen: {row['chosen']}\nrejected: {row['rejected']}"
+        text += "".join(f"\n{name}: {_message_text(r) if isinstance(r, dict) else r}"
+                        for name, r in (("chosen", row["chosen"]), ("rejected", row["rejected"])))
     return text
+
+
+def _message_text(m: dict) -> str:
+    """Content and (tool use) the calls: rows differing only in a call's arguments are not
+    duplicates. The tools list stays out: rows sharing long tool definitions would look alike."""
+    calls = m.get("tool_calls")
+    return f"{m['content']} {json.dumps(calls, ensure_ascii=False)}" if calls else m["content"]
 
 
 class Deduplicator:

@@ -8,6 +8,18 @@ Normalised rows:
        strictly alternating, ending with assistant.
   dpo: {"prompt": [messages ending with user], "chosen": str, "rejected": str}
 
+Tool use (OpenAI layout, `messages` and preference rows only): a row's `tools` ([{"type":
+"function", "function": {"name", "description", "parameters"}}], or that list as JSON text)
+ride on the first message, `messages[0]["tools"]` (`prompt[0]["tools"]`), so that whatever
+passes a conversation on passes its tools too. An assistant turn may carry `tool_calls`
+([{"id", "type": "function", "function": {"name", "arguments"}}]; content null or "" for a
+call-only turn; arguments a JSON object, or its text, normalised to JSON text); it is then
+followed by one {"role": "tool", "tool_call_id", "content"} result per call, after which the
+assistant (or the user) goes on. A DPO prompt may end with tool results, and chosen/rejected
+may be a tool-call turn ({"role": "assistant", "content", "tool_calls"} instead of a string).
+Call ids are 9 letters or digits (the rule of Mistral's v3/v7 formats, the only ones that encode
+tools), function names are among the row's tools.
+
 Formats (`fmt`, or detected per row when "auto"):
   sft: messages (OpenAI), sharegpt (conversations/from/value), alpaca (instruction/input/output),
        prompt_completion (prompt/completion strings, or messages)
@@ -43,7 +55,7 @@ SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 # (UltraFeedback-binarized: the full conversation whose last message is the assistant reply).
 DPO_FORMATS = ("preference",)
 ROLES = ("system", "user", "assistant")
-_OPENAI_ROLES = {r: r for r in ROLES}
+_OPENAI_ROLES = {r: r for r in (*ROLES, "tool")}  # tool results: OpenAI layout only
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant",
                   "user": "user", "assistant": "assistant"}
 # Auto-detection, checked in order: a row is in the first format whose columns it has (non-null).
@@ -52,6 +64,8 @@ _SFT_DETECT = (("messages", ("messages",)), ("sharegpt", ("conversations",)),
 SKIP_HINT = "fix the row, or set data.on_error=skip to skip bad rows (each is counted and reported)"
 # CSV cells can only hold text; these columns may hold a JSON-encoded message list.
 _LIST_COLUMNS = ("messages", "conversations", "prompt", "chosen", "rejected", "completion")
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # mistral-common's rule for function names
+_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # mistral-common's rule for v3/v7 tool call ids
 
 
 @dataclass
@@ -440,7 +454,7 @@ def _normalise(row: object, kind: str, fmt: str) -> dict:
         if fmt == "auto" and not _has(row, "prompt", "chosen", "rejected"):
             raise _unknown(row, "prompt/chosen/rejected (preference pairs)")
         prompt, (chosen, rejected) = _prompt_and_replies(row, ("chosen", "rejected"))
-        if chosen.strip() == rejected.strip():
+        if _stripped([_as_message(chosen)]) == _stripped([_as_message(rejected)]):
             raise _RowError("rejected", "chosen and rejected are identical")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -452,7 +466,9 @@ def _normalise(row: object, kind: str, fmt: str) -> dict:
     if fmt == "messages":
         messages = _messages(row, "messages", "role", "content", _OPENAI_ROLES)
         _check_order(messages, "messages", "role", "assistant")
-        return {"messages": messages}
+        return {"messages": _with_tools(messages, _tools(row), "messages")}
+    if _get(row, "tools") is not None:  # the other layouts have no tool calls to go with them
+        raise _RowError("tools", f"tools are read with the messages (OpenAI) layout only, not {fmt}")
     if fmt == "sharegpt":
         messages = _messages(row, "conversations", "from", "value", SHAREGPT_ROLES)
         _check_order(messages, "conversations", "from", "assistant")
@@ -465,16 +481,18 @@ def _normalise(row: object, kind: str, fmt: str) -> dict:
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     prompt, (completion,) = _prompt_and_replies(row, ("completion",))
-    return {"messages": prompt + [{"role": "assistant", "content": completion}]}
+    return {"messages": prompt + [_as_message(completion)]}
 
 
-def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], list[str]]:
-    """The prompt messages and the reply text of each field in `names`.
+def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], list[str | dict]]:
+    """The prompt messages and the reply of each field in `names`: its text, or its assistant
+    message when it calls tools.
 
     A reply is a string, or a conversation whose last message is the assistant reply; the
     conversation before it must agree with `prompt` and with the other replies' conversations.
     """
     prefixes, replies = [], []
+    tools = _tools(row)
     for name in names:
         value = _get(row, name)
         if value is None:
@@ -483,13 +501,14 @@ def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], 
             raise _RowError(name, f"missing field {name!r}")
         if isinstance(value, list):
             msgs = _messages(row, name, "role", "content", _OPENAI_ROLES)
+            _check_call_names(msgs, name, tools)
             # Either the reply alone ([assistant]) or the whole conversation ending with it.
             if msgs[-1]["role"] != "assistant":
                 raise _RowError(name, f"conversation must end with an assistant message, not {msgs[-1]['role']}")
             if len(msgs) > 1:
                 _check_order(msgs, name, "role", "assistant")
                 prefixes.append((name, msgs[:-1]))
-            replies.append(msgs[-1]["content"])
+            replies.append(msgs[-1] if msgs[-1].get("tool_calls") else msgs[-1]["content"])
         else:
             replies.append(_text(row, name))
     for (_, first), (name, other) in zip(prefixes, prefixes[1:]):
@@ -501,10 +520,10 @@ def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], 
     if value is None:
         if prefix is None:  # no prompt column and no conversation to take it from
             raise _RowError("prompt", "missing field 'prompt'")
-        return prefix, replies
+        return _with_tools(prefix, tools, prefixes[0][0]), replies
     if isinstance(value, list):
         prompt = _messages(row, "prompt", "role", "content", _OPENAI_ROLES)
-        _check_order(prompt, "prompt", "role", "user")
+        _check_order(prompt, "prompt", "role", ("user", "tool"))
         agrees = prefix is None or _stripped(prompt) == _stripped(prefix)
     else:
         text = _text(row, "prompt")
@@ -512,7 +531,7 @@ def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], 
         agrees = prefix is None or prefix[-1]["content"].strip() == text.strip()
     if not agrees:
         raise _RowError("prompt", "prompt disagrees with conversation")
-    return prompt, replies
+    return _with_tools(prompt, tools, "prompt"), replies
 
 
 def _messages(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
@@ -533,22 +552,172 @@ def _messages(row: dict, field: str, role_key: str, content_key: str, roles: dic
             raise _RowError(f"{where}.{role_key}", f"missing field {role_key!r}")
         if not isinstance(role, str) or role not in roles:
             raise _RowError(f"{where}.{role_key}", f"unknown role {_show(role)}; expected one of {', '.join(roles)}")
-        out.append({"role": roles[role], "content": _text(m, content_key, where=f"{where}.{content_key}")})
+        if roles[role] == "tool":
+            out.append({"role": "tool", "tool_call_id": _call_id(m, "tool_call_id", where),
+                        "content": _text(m, content_key, where=f"{where}.{content_key}")})
+        elif roles[role] == "assistant" and _get(m, "tool_calls") is not None:
+            out.append(_tool_call_turn(m, where, content_key))
+        else:
+            out.append({"role": roles[role], "content": _text(m, content_key, where=f"{where}.{content_key}")})
     return out
 
 
-def _check_order(msgs: list[dict], field: str, role_key: str, last: str) -> None:
+def _tool_call_turn(m: dict, where: str, content_key: str) -> dict:
+    """An assistant message with tool_calls; its content may be null or empty."""
+    calls = _get(m, "tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise _RowError(f"{where}.tool_calls", f"must be a non-empty list of tool calls, got {_show(calls)}")
+    content = _get(m, content_key)
+    if content is None or (isinstance(content, str) and not content.strip()):
+        content = ""  # a call-only turn (OpenAI writes null or "")
+    else:
+        content = _text(m, content_key, where=f"{where}.{content_key}")
+    out, seen = [], set()
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise _RowError(at, f"tool call is not an object (got {_type(call)})")
+        if _get(call, "type") not in (None, "function"):
+            raise _RowError(f"{at}.type", f"unknown tool call type {_show(call['type'])}; expected 'function'")
+        call_id = _call_id(call, "id", at)
+        if call_id in seen:
+            raise _RowError(f"{at}.id", f"tool call id {call_id!r} appears twice in one turn")
+        seen.add(call_id)
+        function = _get(call, "function")
+        if not isinstance(function, dict):
+            raise _RowError(f"{at}.function", f"must be an object with name and arguments, got {_type(function)}")
+        name = _function_name(function, f"{at}.function.name")
+        arguments = _json_object(_get(function, "arguments"), f"{at}.function.arguments", "arguments")
+        out.append({"id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+    return {"role": "assistant", "content": content, "tool_calls": out}
+
+
+def _call_id(obj: dict, key: str, where: str) -> str:
+    value = _get(obj, key)
+    if value is None:
+        raise _RowError(f"{where}.{key}", f"missing field {key!r}")
+    if not isinstance(value, str) or not _CALL_ID.fullmatch(value):
+        raise _RowError(f"{where}.{key}", f"tool call ids are 9 letters or digits in Mistral's formats, "
+                                          f"got {_show(value)}")
+    return value
+
+
+def _function_name(obj: dict, where: str) -> str:
+    name = _get(obj, "name")
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise _RowError(where, f"function names are 1-64 letters, digits, '_' or '-', got {_show(name)}")
+    return name
+
+
+def _json_object(value: object, where: str, what: str) -> dict:
+    """A JSON object given as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _RowError(where, f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, dict):
+        raise _RowError(where, f"{what} must be a JSON object, got {_type(value)}")
+    return value
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The row's function definitions, normalised as mistral-common writes them, or None."""
+    value = _get(row, "tools")
+    if isinstance(value, str):  # CSV cells and some Hub datasets hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _RowError("tools", f"tools is not valid JSON: {e.msg} at column {e.colno}") from None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise _RowError("tools", f"must be a list of tools, got {_type(value)}")
+    out = []
+    for i, tool in enumerate(value):
+        at = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _RowError(at, f"tool is not an object (got {_type(tool)})")
+        if _get(tool, "type") not in (None, "function"):
+            raise _RowError(f"{at}.type", f"unknown tool type {_show(tool['type'])}; expected 'function'")
+        function = _get(tool, "function")
+        if not isinstance(function, dict):
+            raise _RowError(f"{at}.function", f"must be an object with name, description, parameters, "
+                                              f"got {_type(function)}")
+        name = _function_name(function, f"{at}.function.name")
+        if any(t["function"]["name"] == name for t in out):
+            raise _RowError(f"{at}.function.name", f"two tools are named {name!r}")
+        description = _get(function, "description")
+        if description is not None and not isinstance(description, str):
+            raise _RowError(f"{at}.function.description", f"must be a string, got {_type(description)}")
+        parameters = _get(function, "parameters")
+        parameters = {} if parameters is None else _json_object(parameters, f"{at}.function.parameters", "parameters")
+        out.append({"type": "function",
+                    "function": {"name": name, "description": description or "", "parameters": parameters}})
+    return out
+
+
+def _with_tools(messages: list[dict], tools: list[dict] | None, field: str) -> list[dict]:
+    """`messages` with the row's tools on the first message, once every call names one of them."""
+    _check_call_names(messages, field, tools)
+    if tools:
+        messages[0] = {**messages[0], "tools": tools}
+    return messages
+
+
+def _check_call_names(messages: list[dict], field: str, tools: list[dict] | None) -> None:
+    names = [t["function"]["name"] for t in tools or []]
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.get("tool_calls") or []):
+            name = call["function"]["name"]
+            if name not in names:
+                known = f"the row's tools are {', '.join(names)}" if names else "the row has no tools"
+                raise _RowError(f"{field}[{i}].tool_calls[{j}].function.name", f"calls {name!r}, but {known}")
+
+
+def _as_message(reply: str | dict) -> dict:
+    return reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
+
+
+def _check_order(msgs: list[dict], field: str, role_key: str, last: str | tuple[str, ...]) -> None:
+    """Optional leading system, then user and assistant alternating; an assistant turn with
+    tool calls is followed by one tool result per call (by id), then the assistant or the user."""
+    lasts = (last,) if isinstance(last, str) else last
     start = 1 if msgs[0]["role"] == "system" else 0
+    expected, pending, calls_at = ("user",), set(), None
     for i in range(start, len(msgs)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
         role = msgs[i]["role"]
-        if role != expected:
-            reason = ("roles out of order: a system message is only allowed first" if role == "system"
-                      else f"roles out of order: expected {expected}, got {role}")
+        if role not in expected:
+            if role == "system":
+                reason = "roles out of order: a system message is only allowed first"
+            elif pending:
+                reason = (f"roles out of order: expected a tool result for each call of {field}[{calls_at}] "
+                          f"(missing: {', '.join(sorted(pending))}), got {role}")
+            elif role == "tool":
+                reason = "roles out of order: a tool result must answer a call of the assistant turn before it"
+            else:
+                reason = f"roles out of order: expected {' or '.join(expected)}, got {role}"
             raise _RowError(f"{field}[{i}].{role_key}", reason)
-    if msgs[-1]["role"] != last:
-        article = "an" if last == "assistant" else "a"
-        raise _RowError(field, f"conversation must end with {article} {last} message, not {msgs[-1]['role']}")
+        if role == "tool":
+            call_id = msgs[i]["tool_call_id"]
+            if call_id not in pending:
+                raise _RowError(f"{field}[{i}].tool_call_id",
+                                f"{call_id!r} answers no unanswered call of {field}[{calls_at}]")
+            pending.discard(call_id)
+        elif role == "assistant" and msgs[i].get("tool_calls"):
+            pending, calls_at = {c["id"] for c in msgs[i]["tool_calls"]}, i
+        if role == "user":
+            expected = ("assistant",)
+        elif role == "assistant":
+            expected = ("tool",) if pending else ("user",)
+        else:
+            expected = ("tool",) if pending else ("assistant", "user")
+    if msgs[-1]["role"] not in lasts:
+        ends = f"{'an' if lasts[0] == 'assistant' else 'a'} {' or '.join(lasts)}"
+        raise _RowError(field, f"conversation must end with {ends} message, not {msgs[-1]['role']}")
+    if pending and msgs[-1]["role"] == "tool":
+        raise _RowError(field, f"the calls of {field}[{calls_at}] miss their results: {', '.join(sorted(pending))}")
 
 
 def _text(obj: dict, key: str, where: str | None = None) -> str:
@@ -567,8 +736,9 @@ def _text(obj: dict, key: str, where: str | None = None) -> str:
     return value
 
 
-def _stripped(messages: list[dict]) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"].strip()) for m in messages]
+def _stripped(messages: list[dict]) -> list[tuple]:
+    return [(m["role"], m["content"].strip(), json.dumps(m.get("tool_calls")), m.get("tool_call_id"))
+            for m in messages]
 
 
 def _get(obj: dict, key: str) -> Any:

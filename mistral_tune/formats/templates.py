@@ -12,6 +12,21 @@ tokenizer files it ships (in ``mistral_common/data``) are the real ones of the m
 - ``mistral_v7``: as v3, but the system prompt is its own ``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]``
   block where it stands in the conversation.
 
+Tool use (v3 and v7 only; `TOOL_TEMPLATES`). Conversations in OpenAI layout: assistant turns
+with ``tool_calls`` ([{"id", "type": "function", "function": {"name", "arguments": JSON text}}]),
+``{"role": "tool", "tool_call_id", "content"}`` results, and the function definitions on the
+first message, ``messages[0]["tools"]`` (where `mistral_tune.datasets.sources` puts a row's
+``tools``, so every caller that passes a conversation passes its tools too). mistral-common
+writes the tools as ``[AVAILABLE_TOOLS][...][/AVAILABLE_TOOLS]`` before the last user turn, a
+call as ``[TOOL_CALLS][{"name", "arguments", "id"}]</s>``, and a result as
+``[TOOL_RESULTS]{"content", "call_id"}[/TOOL_RESULTS]`` (v3) or
+``[TOOL_RESULTS]{id}[TOOL_CONTENT]{content}[/TOOL_RESULTS]`` (v7). v3 cannot hold text and calls
+in one assistant turn; v7 writes the text, then the calls. Calls (and their EOS) are trained
+like any assistant turn; results and the tools list are not. Tool conversations also go
+through mistral-common's request validator (finetuning mode: tool call ids of 9 letters or
+digits, function names, JSON-schema parameters). v1, chatml and zephyr have no tool format:
+they refuse such conversations (ValueError) instead of dropping the tools.
+
 We never re-implement these rules. `encode_chat` walks the conversation exactly like
 ``InstructTokenizer.encode_instruct`` does, calling mistral-common's own per-message
 encoders, so that it can record which token span came from which message (for the loss
@@ -59,13 +74,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import mistral_common
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     SystemMessage,
+    ToolMessage,
     UserMessage,
 )
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 # template name -> tokenizer file inside mistral_common/data
@@ -74,6 +93,9 @@ TEMPLATES: dict[str, str] = {
     "mistral_v3": "mistral_instruct_tokenizer_240323.model.v3",
     "mistral_v7": "mistral_instruct_tokenizer_241114.model.v7",
 }
+
+# Formats with a tool-use encoding in mistral-common (v1 has none; chatml/zephyr are ours).
+TOOL_TEMPLATES = ("mistral_v3", "mistral_v7")
 
 # HF-style formats defined here (no mistral-common reference), over a Mistral vocabulary.
 TEXT_TEMPLATES = ("chatml", "zephyr")
@@ -85,7 +107,7 @@ DEFAULT_VOCAB = "mistral_v1"  # Mistral-7B-v0.1, the base of Zephyr-7B-beta
 # "all": every token except the leading BOS (nothing predicts the first token).
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
-_MESSAGE_CLASSES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -124,14 +146,15 @@ def encode_chat(messages: list[dict], template: str, train_on: str = "assistant"
 
     `input_ids` equals mistral-common's ``encode_instruct`` of the same conversation: one
     BOS, every assistant turn closed by EOS. The EOS of a trained turn is trained too, or
-    the model never learns to stop.
+    the model never learns to stop. Tool results and the tools list are never trained
+    (except with train_on="all").
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"Unknown train_on {train_on!r}; expected one of {TRAIN_ON}")
-    _check_messages(messages, template, last_role="assistant", vocab=vocab)
+    _check_messages(messages, template, last_roles=("assistant",), vocab=vocab)
     if template in TEXT_TEMPLATES:
         return _encode_text(messages, template, vocab_of(template, vocab), train_on, generation_prompt=False)
-    spans = _encode_spans(messages, template)
+    spans = _encode_spans(messages, template, ValidationMode.finetuning)
     input_ids = [tok for _, span in spans for tok in span]
 
     last_assistant = max(i for i, (role, _) in enumerate(spans) if role == "assistant")
@@ -148,32 +171,35 @@ def encode_chat(messages: list[dict], template: str, train_on: str = "assistant"
 
 
 def encode_prompt(messages: list[dict], template: str, vocab: str | None = None) -> list[int]:
-    """Generation prompt of a conversation ending with a user turn.
+    """Generation prompt of a conversation ending with a user turn (or, v3/v7, tool results).
 
-    Mistral formats have no assistant header: the prompt ends with ``[/INST]`` and the
-    model's reply starts right after it. chatml and zephyr end with their assistant header.
+    Mistral formats have no assistant header: the prompt ends with ``[/INST]`` (or
+    ``[/TOOL_RESULTS]``) and the model's reply starts right after it. chatml and zephyr end
+    with their assistant header.
     """
-    _check_messages(messages, template, last_role="user", vocab=vocab)
+    _check_messages(messages, template, last_roles=("user", "tool"), vocab=vocab)
     if template in TEXT_TEMPLATES:
         return _encode_text(messages, template, vocab_of(template, vocab), "assistant", generation_prompt=True).input_ids
-    request = _instruct_request(messages, template)
+    request = _instruct_request(messages, template, ValidationMode.test)
     return list(mistral_tokenizer(template).instruct_tokenizer.encode_instruct(request).tokens)
 
 
 def encode_preference(
-    prompt_messages: list[dict], chosen: str, rejected: str, template: str, vocab: str | None = None
+    prompt_messages: list[dict], chosen: str | dict, rejected: str | dict, template: str, vocab: str | None = None
 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) for DPO.
 
-    ``prompt_ids + chosen_ids`` is exactly the training sequence of the conversation
-    ``prompt_messages + [assistant: chosen]`` (same for rejected), and each completion ends
-    with EOS. Raises ValueError if the prompt is not a token prefix of both, instead of
-    silently cutting the sequences somewhere else.
+    `chosen` and `rejected` are reply texts, or assistant messages (a tool-call reply:
+    ``{"role": "assistant", "content": "", "tool_calls": [...]}``). ``prompt_ids + chosen_ids``
+    is exactly the training sequence of the conversation ``prompt_messages + [chosen reply]``
+    (same for rejected), and each completion ends with EOS. Raises ValueError if the prompt is
+    not a token prefix of both, instead of silently cutting the sequences somewhere else.
     """
     prompt_ids = encode_prompt(prompt_messages, template, vocab=vocab)
     completions = []
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        full = encode_chat([*prompt_messages, {"role": "assistant", "content": reply}], template, vocab=vocab).input_ids
+        message = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
+        full = encode_chat([*prompt_messages, message], template, vocab=vocab).input_ids
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError(f"{template}: the prompt is not a token prefix of prompt + {name}")
         completion = full[len(prompt_ids) :]
@@ -183,50 +209,84 @@ def encode_preference(
     return prompt_ids, completions[0], completions[1]
 
 
+def uses_tools(messages: list[dict]) -> bool:
+    """Whether a conversation has tools, tool calls or tool results (anything only v3/v7 encode)."""
+    return bool(messages and messages[0].get("tools")) or any(
+        m.get("role") == "tool" or m.get("tool_calls") for m in messages
+    )
+
+
 # --- internals -----------------------------------------------------------------------
 
 
-def _check_messages(messages: list[dict], template: str, last_role: str, vocab: str | None = None) -> None:
-    """Cheap structural checks; full validation is the data module's job."""
+def _check_messages(messages: list[dict], template: str, last_roles: tuple[str, ...], vocab: str | None = None) -> None:
+    """Cheap structural checks; full validation is the data module's (and, for tool
+    conversations, mistral-common's validator's) job."""
     vocab_of(template, vocab)
     if not messages:
         raise ValueError("Empty conversation")
+    if uses_tools(messages) and template not in TOOL_TEMPLATES:
+        # Encoding the text alone would train on a conversation the model never sees at inference.
+        raise ValueError(f"{template} has no tool-use format (tools, tool calls, tool results); "
+                         f"use {' or '.join(TOOL_TEMPLATES)}")
     for message in messages:
-        if message.get("role") not in _MESSAGE_CLASSES or not isinstance(message.get("content"), str):
-            raise ValueError(f"Expected {{'role': system|user|assistant, 'content': str}}, got {message!r}")
-        if message["role"] == "assistant" and not message["content"]:
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"Expected {{'role': {'|'.join(ROLES)}, 'content': str}}, got {message!r}")
+        if role == "assistant" and not content and not message.get("tool_calls"):
             # mistral-common refuses empty assistant turns; say so in our terms
             raise ValueError("Assistant message with empty content")
-    if messages[-1]["role"] != last_role:
-        raise ValueError(f"Conversation must end with a {last_role!r} message, got {messages[-1]['role']!r}")
+        if role == "assistant" and content and message.get("tool_calls") and template == "mistral_v3":
+            raise ValueError("mistral_v3 cannot hold text and tool calls in one assistant turn (mistral_v7 can)")
+    if messages[-1]["role"] not in last_roles:
+        raise ValueError(f"Conversation must end with a {' or '.join(map(repr, last_roles))} message, "
+                         f"got {messages[-1]['role']!r}")
 
 
 def _eos_id(template: str) -> int:
     return mistral_tokenizer(template).instruct_tokenizer.tokenizer.eos_id
 
 
-def _instruct_request(messages: list[dict], template: str) -> InstructRequest:
+def _mistral_message(m: dict):
+    """One message of ours (OpenAI layout, normalised by the data module) as mistral-common's."""
+    role = m["role"]
+    if role == "assistant":
+        calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"], arguments=c["function"]["arguments"]))
+                 for c in m.get("tool_calls") or []]
+        return AssistantMessage(content=m["content"] or None, tool_calls=calls or None)
+    if role == "tool":
+        return ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"])
+    return (SystemMessage if role == "system" else UserMessage)(content=m["content"])
+
+
+def _instruct_request(messages: list[dict], template: str, mode: ValidationMode) -> InstructRequest:
     """The InstructRequest that mistral-common's own ``encode_chat_completion`` would build.
 
     Its normalizer decides, per version, where the system prompt goes (folded into a user
-    turn for v1/v3, kept as a message for v7): we reuse it rather than restate it.
+    turn for v1/v3, kept as a message for v7) and how tool call arguments and v3 tool results
+    are re-serialised: we reuse it rather than restate it. Tool conversations also pass its
+    validator (`mode`), which holds the rules on tool call ids and function names.
     """
     tokenizer = mistral_tokenizer(template)
-    request = ChatCompletionRequest(
-        messages=[_MESSAGE_CLASSES[m["role"]](content=m["content"]) for m in messages]
-    )
+    tools = [Tool.from_openai(t) for t in messages[0].get("tools") or []]
+    request = ChatCompletionRequest(messages=[_mistral_message(m) for m in messages], tools=tools or None)
+    if uses_tools(messages):
+        try:
+            request = get_validator(tokenizer.version, mode).validate_request(request)
+        except MistralCommonException as err:
+            raise ValueError(f"mistral-common refuses this tool conversation: {err}") from None
     normalizer = get_normalizer(tokenizer.version, None)
     return normalizer.from_chat_completion_request(request)
 
 
-def _encode_spans(messages: list[dict], template: str) -> list[tuple[str, list[int]]]:
-    """[(role, token span)] in order, starting with ("bos", [BOS]).
+def _encode_spans(messages: list[dict], template: str, mode: ValidationMode) -> list[tuple[str, list[int]]]:
+    """[(role, token span)] in order, starting with ("bos", [BOS]); tool results are ("tool", ...).
 
     Mirrors the loop of ``InstructTokenizerBase.encode_instruct`` (mistral-common 1.13),
     calling the same per-message encoders with the same arguments.
     """
     instruct = mistral_tokenizer(template).instruct_tokenizer
-    request = _instruct_request(messages, template)
+    request = _instruct_request(messages, template, mode)
     first_user, last_user = instruct.find_first_last_user(request)
 
     spans: list[tuple[str, list[int]]] = [("bos", list(instruct.start()))]
@@ -242,13 +302,16 @@ def _encode_spans(messages: list[dict], template: str) -> list[tuple[str, list[i
                 settings=request.settings,
             )
             spans.append(("user", list(tokens)))
+        elif isinstance(msg, ToolMessage):
+            tokens, _, _ = instruct.encode_tool_message(msg, idx < last_user)
+            spans.append(("tool", list(tokens)))
         elif isinstance(msg, AssistantMessage):
             tokens = instruct.encode_assistant_message(message=msg, is_before_last_user_message=idx < last_user)
             spans.append(("assistant", list(tokens)))
         elif isinstance(msg, SystemMessage):
             tokens, _ = instruct.encode_system_message(msg)
             spans.append(("system", list(tokens)))
-        else:  # the normalizer only produces the three message types we gave it
+        else:  # the normalizer only produces the message types we gave it
             raise TypeError(f"Unexpected message type {type(msg).__name__}")
 
     # Self-check: the spans must add up to the reference encoding, id for id.

@@ -44,6 +44,13 @@ Where it cannot match:
 3. Conversation shapes: the Jinja templates accept one optional leading system message and
    string contents only (what `mistral_tune.stages.data` produces); anything else raises. The
    reference also folds later system messages in; we do not need that.
+4. Tool use (v3, v7: ``apply_chat_template(messages, tools=tools)``, OpenAI layout). The tools
+   list, calls and results render the ids of `templates.encode_chat` with the same mask (calls
+   trained, results and tools not), tests/test_tools.py compares them. mistral-common parses and
+   re-dumps JSON where Jinja can only copy text: call ``arguments`` given as a mapping are exact,
+   given as text they are exact when written as ``json.dumps`` writes them; a v3 tool result is
+   exact for plain text, numbers as Python prints them, and JSON in ``json.dumps`` form, not for
+   other JSON spellings (``{"a":1}``, ``3.50``, ``1e3``). v1, chatml and zephyr raise on tools.
 
 ``chatml`` and ``zephyr`` (defined in `mistral_tune.formats.templates`, over the vocabulary of the
 model's Mistral tokenizer) have the same properties: ``apply_chat_template`` equals
@@ -87,12 +94,66 @@ _SYSTEM_HEAD = (
 )
 _BAD_ROLE = "{{- raise_exception('Only user/assistant messages may follow the optional leading system message') -}}"
 
+
+def _no_tools(name: str) -> str:
+    """Head of the formats without tool use: refuse tools rather than render without them."""
+    return ("{%- if tools or messages|selectattr('tool_calls')|list -%}"
+            "{{- raise_exception('" + name + " has no tool-use format; use mistral_v3 or mistral_v7') -}}"
+            "{%- endif -%}")
+
+
+# --- Tool use (v3, v7): the JSON that mistral-common writes, built in Jinja ----------------
+# mistral-common json.dumps()es Python objects (", " and ": " separators, non-ASCII kept): so
+# does HF's `tojson`. A tool is dumped as {"type", "function": {"name", "description",
+# "parameters"}} (description "" and parameters {} when absent).
+_AVAILABLE_TOOLS = (
+    "{%- set tl = namespace(items=[]) -%}"
+    "{%- for tool in tools -%}"
+    "{%- set f = tool['function'] -%}"
+    "{%- set tl.items = tl.items + [{'type': 'function', 'function': {'name': f['name'], "
+    "'description': f['description'] if f['description'] is defined and f['description'] is not none else '', "
+    "'parameters': f['parameters'] if f['parameters'] is defined and f['parameters'] is not none else {}}}] -%}"
+    "{%- endfor -%}"
+    "{{- '[AVAILABLE_TOOLS]' + tl.items|tojson + '[/AVAILABLE_TOOLS]' -}}"
+)
+# [TOOL_CALLS][{"name", "arguments", "id"}, ...]: arguments given as a mapping are dumped; as a
+# string they are written as they are, which is exact when the string is json.dumps() text
+# (mistral-common parses and re-dumps it; Jinja cannot parse JSON).
+_TOOL_CALLS = (
+    "{%- set tc = namespace(items=[]) -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- set args = fn['arguments'] if fn['arguments'] is defined and fn['arguments'] is not none else {} -%}"
+    "{%- set item = '{\"name\": ' + fn['name']|tojson + ', \"arguments\": ' + (args if args is string else args|tojson) -%}"
+    "{%- if call['id'] is defined and call['id'] and call['id'] != 'null' -%}"
+    "{%- set item = item + ', \"id\": ' + call['id']|tojson -%}"
+    "{%- endif -%}"
+    "{%- set tc.items = tc.items + [item + '}'] -%}"
+    "{%- endfor -%}"
+    "{{- '[TOOL_CALLS][' + tc.items|join(', ') + ']' -}}"
+)
+# v3 result: {"content": <the content parsed as JSON if it is JSON, else the string>, "call_id"}.
+# Jinja cannot parse JSON, so content that looks like JSON (an object, array or string literal,
+# true/false/null, or a number as Python prints it) is written as it is, anything else as a JSON
+# string: exact for text, numbers and json.dumps() text.
+_V3_TOOL_RESULT = (
+    "{%- set c = message['content'] -%}"
+    "{%- if c is not string -%}{%- set c = c|tojson -%}"
+    "{%- elif c == '' -%}{%- set c = '{}' -%}"
+    "{%- elif not (c[:1] in ['{', '[', '\"'] or c in ['true', 'false', 'null'] or "
+    "(c not in ['inf', '-inf', 'nan'] and ((c|int|string) == c or (c|float|string) == c))) -%}"
+    "{%- set c = c|tojson -%}"
+    "{%- endif -%}"
+    "{{- '[TOOL_RESULTS]{\"content\": ' + c + ', \"call_id\": ' + message['tool_call_id']|tojson + '}[/TOOL_RESULTS]' -}}"
+)
+_HAS_CALLS = "message['tool_calls'] is defined and message['tool_calls']"
+
 # v1: [INST]/[/INST] are plain text; the system prompt joins the FIRST user turn. The
 # reply is its own SentencePiece call in the reference ("▁" + reply): the space we write
 # before it becomes that "▁", and belongs to the reply's first token, hence inside
 # {% generation %}.
 _V1 = (
-    _SYSTEM_HEAD + "{{- bos_token -}}"
+    _no_tools("mistral_v1") + _SYSTEM_HEAD + "{{- bos_token -}}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{%- if loop.first and system_message -%}"
@@ -107,7 +168,8 @@ _V1 = (
 )
 
 # v3: [INST]/[/INST] are control tokens; the system prompt joins the LAST user turn;
-# replies lose trailing spaces (mistral-common rstrips them).
+# replies lose trailing spaces (mistral-common rstrips them). Tools go before the last user
+# turn; an assistant turn holds text or tool calls, not both.
 _V3 = (
     _SYSTEM_HEAD + "{%- set ns = namespace(last_user=-1) -%}"
     "{%- for message in loop_messages -%}"
@@ -116,27 +178,47 @@ _V3 = (
     "{{- bos_token -}}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.index0 == ns.last_user and tools -%}" + _AVAILABLE_TOOLS + "{%- endif -%}"
     "{%- if loop.index0 == ns.last_user and system_message -%}"
     "{{- '[INST]' + system_message + '\\n\\n' + message['content'] + '[/INST]' -}}"
     "{%- else -%}"
     "{{- '[INST]' + message['content'] + '[/INST]' -}}"
     "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and " + _HAS_CALLS + " -%}"
+    "{%- if message['content'] -%}"
+    "{{- raise_exception('mistral_v3 cannot hold text and tool calls in one assistant turn') -}}"
+    "{%- endif -%}"
+    "{%- generation -%}" + _TOOL_CALLS + "{{- eos_token -}}{%- endgeneration -%}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- message['content'].rstrip(' ') + eos_token -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'tool' -%}" + _V3_TOOL_RESULT +
     "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
     "{%- endfor -%}"
 )
 
 # v7: the system prompt is its own [SYSTEM_PROMPT] block (even when empty), right after BOS.
+# Tools go before the last user turn; an assistant turn is its text, then its tool calls;
+# a result is [TOOL_RESULTS]id[TOOL_CONTENT]content[/TOOL_RESULTS], content as given.
 _V7 = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' and loop.first -%}"
     "{{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' -}}"
     "{%- elif message['role'] == 'user' -%}"
+    "{%- if loop.index0 == ns.last_user and tools -%}" + _AVAILABLE_TOOLS + "{%- endif -%}"
     "{{- '[INST]' + message['content'] + '[/INST]' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'].rstrip(' ') + eos_token -}}{%- endgeneration -%}"
+    "{%- generation -%}"
+    "{%- if message['content'] -%}{{- message['content'].rstrip(' ') -}}{%- endif -%}"
+    "{%- if " + _HAS_CALLS + " -%}" + _TOOL_CALLS + "{%- endif -%}"
+    "{{- eos_token -}}"
+    "{%- endgeneration -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '[TOOL_RESULTS]' + message['tool_call_id'] + '[TOOL_CONTENT]' + message['content'] + '[/TOOL_RESULTS]' -}}"
     "{%- else -%}" + _BAD_ROLE + "{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -144,7 +226,7 @@ _V7 = (
 # zephyr (HuggingFaceH4/zephyr-7b-beta): every message ends with EOS; the newline HF writes
 # after each message goes between messages here, so a training sequence ends with EOS.
 _ZEPHYR = (
-    "{{- bos_token -}}"
+    _no_tools("zephyr") + "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -159,7 +241,7 @@ _ZEPHYR = (
 # chatml: <|im_start|>/<|im_end|> are plain text in Mistral vocabularies, so an assistant turn
 # is closed by <|im_end|> and then EOS, or generation with eos_token_id would never stop.
 _CHATML = (
-    "{{- bos_token -}}"
+    _no_tools("chatml") + "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"

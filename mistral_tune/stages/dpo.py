@@ -9,7 +9,6 @@ second model in memory); with full training the reference is a frozen copy of th
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,37 +16,14 @@ from omegaconf import DictConfig
 from mistral_tune import runs
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.training.lean import lean_trainer
-from mistral_tune.training.modeling import load_policy, load_start, lora_config, model_ref_after, resolve_peft, start_model
-from mistral_tune.training.trainers import loss_history, train_and_save, trl_args
+from mistral_tune.training.modeling import drop_start_copy, load_policy, load_start, lora_config, model_ref_after, resolve_peft, start_model
+from mistral_tune.training.trainers import build_dpo_trainer, dpo_reference, loss_history, train_and_save
 
 log = logging.getLogger("mistral_tune")
-PRETOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
-
-
-def _trainer_class():
-    from trl import DPOTrainer
-    from trl.trainer import dpo_trainer
-
-    class PretokenizedDPOTrainer(lean_trainer(DPOTrainer, dpo_trainer)):
-        """DPOTrainer with the lean LM head and the guards of mistral_tune.lean.lean_trainer.
-
-        TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot
-        be exact to Mistral's reference (control strings in content, v3's system placement). Our
-        data stage already built `prompt_ids`/`chosen_ids`/`rejected_ids` with mistral-common, so
-        they are used as they are; any other dataset goes through TRL's own preparation."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if PRETOKENIZED <= set(dataset.column_names):
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    return PretokenizedDPOTrainer
 
 
 def run(cfg: DictConfig) -> Path:
     from datasets import load_from_disk
-    from trl import DPOConfig
 
     run_dir = RunDir.of(cfg)
     out = run_dir.stage("dpo")
@@ -61,25 +37,17 @@ def run(cfg: DictConfig) -> Path:
 
     method = resolve_peft(cfg)
     model = load_start(cfg, start, method, out)
-    ref_model = None
-    # With precomputed reference log-probs TRL scores the initial policy once, before training, and
-    # keeps no reference model in memory.
-    if method == "none" and not cfg.dpo.trainer.get("precompute_ref_log_probs", False):
-        ref_model = load_policy(cfg, start)  # frozen copy; TRL puts it in eval mode
+    ref_model, ref_kind = dpo_reference(cfg, method, lambda: load_policy(cfg, start))
+    log.info("dpo: reference = %s", ref_kind)
     train_dataset = load_from_disk(str(run_dir.dataset("dpo")))
 
-    trainer, metrics = train_and_save(cfg, "dpo", out, lambda report_to: _trainer_class()(
-        model=model,
-        ref_model=ref_model,
-        args=trl_args(cfg, "dpo", DPOConfig, out, report_to),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
+    trainer, metrics = train_and_save(cfg, "dpo", out, lambda report_to: build_dpo_trainer(
+        cfg, model, ref_model, tokenizer, train_dataset, out, report_to,
         peft_config=lora_config(cfg) if method != "none" else None,
-    ), {"method": method, "pairs": len(train_dataset)})
+    ), {"method": method, "pairs": len(train_dataset), "reference": ref_kind})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "dpo", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)
-    if runs.is_main_process():
-        shutil.rmtree(out / "start_policy", ignore_errors=True)  # QLoRA scratch copy; merge rebuilds
+    drop_start_copy(out)
     runs.wait_for_everyone()
     return out

@@ -8,7 +8,6 @@ config.yaml, metrics.json, and manifest.json last.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -16,16 +15,14 @@ from omegaconf import DictConfig
 from mistral_tune import runs
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.training.lean import lean_sft_trainer
-from mistral_tune.training.modeling import load_start, lora_config, model_ref_after, resolve_peft, start_model
-from mistral_tune.training.trainers import loss_history, train_and_save, trl_args
+from mistral_tune.training.modeling import drop_start_copy, load_start, lora_config, model_ref_after, resolve_peft, start_model
+from mistral_tune.training.trainers import build_sft_trainer, loss_history, train_and_save
 
 log = logging.getLogger("mistral_tune")
 
 
 def run(cfg: DictConfig) -> Path:
     from datasets import load_from_disk
-    from trl import SFTConfig
 
     run_dir = RunDir.of(cfg)
     out = run_dir.stage("sft")
@@ -41,17 +38,13 @@ def run(cfg: DictConfig) -> Path:
     model = load_start(cfg, start, method, out)
     train_dataset = load_from_disk(str(run_dir.dataset("sft")))
 
-    trainer, metrics = train_and_save(cfg, "sft", out, lambda report_to: lean_sft_trainer()(
-        model=model,
-        args=trl_args(cfg, "sft", SFTConfig, out, report_to),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
+    trainer, metrics = train_and_save(cfg, "sft", out, lambda report_to: build_sft_trainer(
+        cfg, model, tokenizer, train_dataset, out, report_to,
         peft_config=lora_config(cfg) if method != "none" else None,
     ), {"method": method})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "sft", {"model": model_ref, "method": method, "metrics": metrics,
                                    "log_history": loss_history(trainer)}, inputs)
-    if runs.is_main_process():
-        shutil.rmtree(out / "start_policy", ignore_errors=True)  # QLoRA scratch copy; merge rebuilds
+    drop_start_copy(out)
     runs.wait_for_everyone()
     return out

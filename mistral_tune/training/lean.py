@@ -12,16 +12,18 @@ the trained tokens (~30% of positions on the bundled chats). On CUDA with Triton
 head stays: it is already compact and never materialises [tokens, vocab] logits.
 
 tests/test_lean.py compares every field, and the gradients, with TRL's head and with the plain
-full-logits computation.
+full-logits computation, with and without TRL's `temperature` and `cast_lm_head_to_fp32`.
+Installing the head in place of TRL's (the patch of TRL internals) lives in
+mistral_tune/training/trainers.py, next to every other reach into TRL.
 """
 
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
-from trl.trainer.utils import FusedCausalLMOutput, _use_triton
+import torch.nn.functional as F
+from trl.trainer.utils import FusedCausalLMOutput
 
 
 def packed_backbone(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -39,9 +41,28 @@ def packed_backbone(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
     return hidden.masked_scatter(keep[..., None], flat)
 
 
-def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+# Config fields with which TRL's head transforms the logits (softcapping, scaling) or adds a loss
+# (MoE router): the lean head implements none of them, so such a model keeps TRL's head.
+UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                      "logits_scaling", "output_router_logits")
+
+
+def lean_head_supports(model) -> bool:
+    config = model.config.get_text_config()
+    return not any(getattr(config, name, None) not in (None, False) for name in UNSUPPORTED_CONFIG)
+
+
+def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",), temperature: float = 1.0,
+                     cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model.forward` so that `fused_lm_head=True` uses the compact head (see module doc).
-    Without `fused_lm_head` the forward is the class's own."""
+    Without `fused_lm_head` the forward is the class's own. `temperature` and `cast_lm_head_to_fp32`
+    mean what they mean for TRL's `add_fused_lm_head`: the logits are divided by the temperature
+    (loss, log-probs, entropy and mean logits are those of the scaled distribution), and the
+    projection runs in float32 outside autocast."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if not lean_head_supports(model):
+        raise ValueError(f"the lean LM head does not implement {[n for n in UNSUPPORTED_CONFIG if getattr(model.config, n, None)]}")
     class_forward = type(model).forward
     backbone_attr = model.base_model_prefix
 
@@ -65,7 +86,15 @@ def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
         else:
             labels = shift_labels
         mask = labels != -100
-        logits = self.get_output_embeddings()(hidden[mask]).float()  # [n_labelled, vocab]
+        head = self.get_output_embeddings()
+        if cast_lm_head_to_fp32:
+            with torch.autocast(hidden.device.type, enabled=False):
+                bias = None if head.bias is None else head.bias.float()
+                logits = F.linear(hidden[mask].float(), head.weight.float(), bias)  # [n_labelled, vocab]
+        else:
+            logits = head(hidden[mask]).float()  # [n_labelled, vocab]
+        if temperature != 1.0:
+            logits = logits / temperature
         log_z = logits.logsumexp(-1)
         target = labels[mask]
         per_token = {"log_probs": logits.gather(-1, target[:, None]).squeeze(-1) - log_z}
@@ -92,51 +121,11 @@ def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
             label_mask=mask,
         )
 
+    forward.lean_lm_head = True  # what is_lean() looks for
     model.forward = types.MethodType(forward, model)
 
 
-@contextlib.contextmanager
-def lean_heads(*trl_modules):
-    """While a TRL trainer is constructed, make its `add_fused_lm_head` add the lean head instead
-    where TRL's has no Triton kernel. Patching at construction (not after) means the reference
-    log-probs TRL precomputes inside __init__ use the lean head too."""
-    originals = {m: m.add_fused_lm_head for m in trl_modules}
-
-    def choose(model, *args, outputs=("log_probs",), **kwargs):
-        if _use_triton(next(model.parameters()).device):
-            return originals[trl_modules[0]](model, *args, outputs=outputs, **kwargs)
-        return add_lean_lm_head(model, outputs)
-
-    for m in trl_modules:
-        m.add_fused_lm_head = choose
-    try:
-        yield
-    finally:
-        for m, original in originals.items():
-            m.add_fused_lm_head = original
-
-
-def lean_trainer(trainer_cls, trl_module):
-    """`trainer_cls` (TRL's SFTTrainer or DPOTrainer, defined in `trl_module`) with the lean LM head
-    where TRL's has no fast kernel, a stop at the first non-finite loss, and a free-disk check
-    before each save."""
-    from mistral_tune.training.trainers import DiskGuard, check_finite_loss
-
-    class LeanTrainer(trainer_cls):
-        def __init__(self, *args, **kwargs):
-            with lean_heads(trl_module):
-                super().__init__(*args, **kwargs)
-            self.add_callback(DiskGuard())
-
-        def training_step(self, *args, **kwargs):
-            return check_finite_loss(self, super().training_step(*args, **kwargs))
-
-    LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_cls.__name__}"
-    return LeanTrainer
-
-
-def lean_sft_trainer():
-    from trl import SFTTrainer
-    from trl.trainer import sft_trainer
-
-    return lean_trainer(SFTTrainer, sft_trainer)
+def is_lean(model) -> bool:
+    """Whether `model` (or the base model under a PEFT wrapper) carries the lean head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.forward, "lean_lm_head", False)

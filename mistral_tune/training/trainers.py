@@ -1,13 +1,24 @@
-"""What the SFT and DPO stages share: TRL arguments from the config, resume, metrics."""
+"""The one place that builds TRL trainers, and the one place that reaches into TRL's internals.
+
+Stages and bench/run.py call `build_sft_trainer`, `build_dpo_trainer` (with `dpo_reference`) and
+`build_orpo_trainer`; nothing else subclasses or patches a TRL trainer. Every trainer built here
+stops at the first non-finite loss and refuses a checkpoint that will not fit on disk; SFT and DPO
+also get the lean LM head of mistral_tune/training/lean.py where TRL's has no Triton kernel.
+Also here: TRL arguments from the config (`trl_args`), resume, metrics.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import os
 import resource
 import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +31,246 @@ from mistral_tune.errors import UserError
 from mistral_tune.training.modeling import resolve_dtype
 
 log = logging.getLogger("mistral_tune")
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL_INTERNALS: every private TRL (and transformers) name mistral_tune patches, overrides or relies on (pinned TRL
+# 1.16). tests/test_trl_internals.py checks each one's presence and parameters, so a TRL upgrade
+# that renames, removes or re-signs one fails a test that names it, instead of silently switching
+# a patch off. Nothing outside this section touches these names.
+
+
+@dataclass(frozen=True)
+class Internal:
+    path: str  # module:attribute or module:Class.method
+    params: tuple[str, ...]  # the parameters we call or override it with, in order
+    why: str
+
+
+TRL_INTERNALS = (
+    Internal("trl.trainer.utils:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+             "replaced by the lean LM head while SFT/DPO trainers are built (lean_heads); its keyword "
+             "arguments are honoured by the lean head, any other is an error"),
+    Internal("trl.trainer.sft_trainer:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+             "SFTTrainer.__init__ calls it through this module global, so that is what lean_heads patches"),
+    Internal("trl.trainer.dpo_trainer:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+             "DPOTrainer.__init__ calls it through this module global (policy and reference)"),
+    Internal("trl.trainer.utils:_use_triton", ("device",),
+             "where TRL's head has a Triton kernel it is already compact, and stays"),
+    Internal("trl.trainer.utils:FusedCausalLMOutput",
+             ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask", "aux_loss"),
+             "what the lean head returns: the fields TRL's losses read"),
+    Internal("trl.trainer.dpo_trainer:DPOTrainer._prepare_dataset",
+             ("self", "dataset", "processing_class", "args", "dataset_name"),
+             "overridden: pre-tokenized prompt_ids/chosen_ids/rejected_ids rows skip TRL's chat-template tokenization"),
+    Internal("trl.experimental.orpo.orpo_trainer:ORPOTrainer.tokenize_row", ("self", "feature", "model"),
+             "overridden: ORPOTrainer.__init__ maps every row through it (after maybe_extract_prompt and "
+             "maybe_apply_chat_template, which leave rows without prompt/chosen/rejected columns alone); "
+             "pre-tokenized rows become its chosen_/rejected_/prompt_ columns without re-tokenizing"),
+    Internal("trl.experimental.orpo.orpo_trainer:ORPOTrainer.concatenated_inputs",
+             ("batch", "is_encoder_decoder", "padding_value", "device"),
+             "reads the chosen_input_ids/attention_mask/labels and rejected_* columns tokenize_row must give"),
+    # not TRL's but transformers': ORPO batches have no input_ids, so the Trainer counted no tokens
+    Internal("transformers.trainer:Trainer._track_num_input_tokens", ("self", "inputs"),
+             "overridden for ORPO: counts the chosen and rejected sequences' tokens (metrics.json tokens/s)"),
+)
+
+PRETOKENIZED_PAIRS = {"prompt_ids", "chosen_ids", "rejected_ids"}  # made by the data stage with mistral-common
+
+
+def resolve_internal(path: str):
+    """The object at "module:attr" or "module:Class.attr" (AttributeError/ImportError if gone)."""
+    import importlib
+
+    module, _, attr = path.partition(":")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental warns on import
+        obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_internal(internal: Internal) -> None:
+    """Raise RuntimeError naming `internal` if the installed TRL no longer has it as pinned."""
+    try:
+        obj = resolve_internal(internal.path)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"TRL internal {internal.path} is gone ({err}); mistral_tune uses it: {internal.why}") from None
+    if isinstance(obj, type) and hasattr(obj, "__dataclass_fields__"):
+        params = tuple(obj.__dataclass_fields__)
+    else:
+        params = tuple(inspect.signature(obj).parameters)
+    if params != internal.params:
+        raise RuntimeError(f"TRL internal {internal.path} changed: parameters {params}, pinned {internal.params}; "
+                           f"mistral_tune uses it: {internal.why}")
+
+
+@contextlib.contextmanager
+def lean_heads(*trl_modules):
+    """While a TRL trainer is constructed, make the `add_fused_lm_head` of `trl_modules` add the
+    lean head instead where TRL's has no Triton kernel (and the model has no logit transform the
+    lean head lacks). Patching at construction (not after) means the reference log-probs TRL
+    precomputes inside __init__ use the lean head too. TRL's `temperature` and
+    `cast_lm_head_to_fp32` are passed on; an argument the lean head does not know is an error."""
+    from trl.trainer.utils import _use_triton
+
+    from mistral_tune.training.lean import add_lean_lm_head, lean_head_supports
+
+    originals = {m: m.add_fused_lm_head for m in trl_modules}
+    trl_head = originals[trl_modules[0]]
+
+    def choose(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if _use_triton(next(model.parameters()).device) or not lean_head_supports(model):
+            return trl_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
+        return add_lean_lm_head(model, outputs, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+
+    for m in trl_modules:
+        m.add_fused_lm_head = choose
+    try:
+        yield
+    finally:
+        for m, original in originals.items():
+            m.add_fused_lm_head = original
+
+
+def guarded(trainer_cls, *trl_modules):
+    """`trainer_cls` with a stop at the first non-finite loss, a free-disk check before each save,
+    and (for each of `trl_modules` given) the lean LM head installed while it is constructed."""
+
+    class Guarded(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            with lean_heads(*trl_modules) if trl_modules else contextlib.nullcontext():
+                super().__init__(*args, **kwargs)
+            self.add_callback(DiskGuard())
+
+        def training_step(self, *args, **kwargs):
+            return check_finite_loss(self, super().training_step(*args, **kwargs))
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{trainer_cls.__name__}"
+    return Guarded
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer, guarded, with the lean head. (Pre-tokenized `input_ids`/`assistant_masks`
+    rows are TRL's own "already tokenized" path: nothing to override.)"""
+    from trl import SFTTrainer
+    from trl.trainer import sft_trainer
+
+    return guarded(SFTTrainer, sft_trainer)
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, guarded, with the lean head, taking pre-tokenized rows as they are.
+
+    TRL 1.16's DPOTrainer re-tokenizes every dataset through the chat template, which cannot be
+    exact to Mistral's reference (control strings in content, v3's system placement). Our data
+    stage already built `prompt_ids`/`chosen_ids`/`rejected_ids` with mistral-common, so they are
+    used as they are; any other dataset goes through TRL's own preparation."""
+    from trl import DPOTrainer
+    from trl.trainer import dpo_trainer
+
+    class PretokenizedDPOTrainer(guarded(DPOTrainer, dpo_trainer)):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if PRETOKENIZED_PAIRS <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+def orpo_trainer_class():
+    """TRL's experimental ORPOTrainer, guarded, taking pre-tokenized rows as they are.
+
+    ORPOTrainer tokenizes text rows inside __init__ (no _prepare_dataset to skip); `tokenize_row`
+    is where a row becomes its columns, so pre-tokenized rows are turned into those columns there,
+    never re-tokenized and never truncated (the data stage dropped and counted over-long rows).
+    The loss is TRL's: the NLL of the chosen sequence over all its tokens, prompt included (as in
+    ORPO's reference code), minus beta * mean log sigmoid(log odds ratio), the odds from the mean
+    per-token log-prob of each completion. ORPOTrainer computes full logits (it has no fused head),
+    so there is no lean head to install."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "You are importing from 'trl.experimental'"
+        from trl.experimental.orpo import ORPOTrainer
+
+    class PretokenizedORPOTrainer(guarded(ORPOTrainer)):
+        def tokenize_row(self, feature, model=None):
+            if not PRETOKENIZED_PAIRS <= set(feature):
+                return super().tokenize_row(feature, model)
+            prompt = list(feature["prompt_ids"])
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                completion = list(feature[f"{side}_ids"])
+                row[f"{side}_input_ids"] = prompt + completion
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(completion))
+                row[f"{side}_labels"] = [-100] * len(prompt) + completion
+            return row
+
+        def _track_num_input_tokens(self, inputs):
+            for side in ("chosen", "rejected"):
+                if f"{side}_input_ids" in inputs:
+                    super()._track_num_input_tokens({"input_ids": inputs[f"{side}_input_ids"],
+                                                     "attention_mask": inputs[f"{side}_attention_mask"]})
+
+    return PretokenizedORPOTrainer
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders: what the stages and bench/run.py call.
+
+
+def build_sft_trainer(cfg: DictConfig, model, tokenizer, train_dataset, out: Path, report_to: list[str],
+                      peft_config=None, callbacks=None):
+    from trl import SFTConfig
+
+    return sft_trainer_class()(model=model, args=trl_args(cfg, "sft", SFTConfig, out, report_to),
+                               train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
+                               callbacks=callbacks)
+
+
+def dpo_reference(cfg: DictConfig, method: str, load_frozen_copy) -> tuple[object | None, str]:
+    """The DPO reference, one choice for the dpo stage and bench/run.py: (ref_model, kind).
+
+    - "precomputed": `precompute_ref_log_probs=true`; TRL scores the initial policy once, before
+      training (adapter disabled for a fresh LoRA adapter), and keeps no reference model in memory.
+    - "adapter_disabled": LoRA/QLoRA; the reference is the policy with its adapter disabled (no
+      second model in memory).
+    - "frozen_copy": full training; `load_frozen_copy()` loads a second copy of the starting policy
+      (TRL puts it in eval mode)."""
+    if cfg.dpo.trainer.get("precompute_ref_log_probs", False):
+        return None, "precomputed"
+    if method != "none":
+        return None, "adapter_disabled"
+    return load_frozen_copy(), "frozen_copy"
+
+
+def build_dpo_trainer(cfg: DictConfig, model, ref_model, tokenizer, train_dataset, out: Path, report_to: list[str],
+                      peft_config=None, callbacks=None):
+    """`ref_model` as `dpo_reference` chose it."""
+    from trl import DPOConfig
+
+    return dpo_trainer_class()(model=model, ref_model=ref_model, args=trl_args(cfg, "dpo", DPOConfig, out, report_to),
+                               train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
+                               callbacks=callbacks)
+
+
+def orpo_config_class():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOConfig
+    return ORPOConfig
+
+
+def build_orpo_trainer(cfg: DictConfig, model, tokenizer, train_dataset, out: Path, report_to: list[str],
+                       peft_config=None, callbacks=None):
+    """ORPO (reference-free) on pre-tokenized preference rows, from `orpo.trainer.*`."""
+    return orpo_trainer_class()(model=model, args=trl_args(cfg, "orpo", orpo_config_class(), out, report_to),
+                                train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=callbacks)
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL arguments from the config
 
 
 # DPO options that TRL 1.16 reads only for some loss types: anything else would be accepted and
@@ -46,7 +297,7 @@ def check_ignored_options(stage: str, kwargs: dict) -> None:
 
 
 def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list[str]):
-    """Build TRL's SFTConfig/DPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
+    """Build TRL's SFTConfig/DPOConfig/ORPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
     kwargs = trainer_kwargs(cfg[stage].trainer)
     check_ignored_options(stage, kwargs)
     data_max = cfg[stage].data.max_length
@@ -80,6 +331,10 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
         return config_cls(**kwargs)
     except (ValueError, TypeError) as err:
         raise UserError(f"{stage}.trainer: {str(err).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume, guards, metrics
 
 
 def _checkpoint_is_complete(path: Path) -> bool:
@@ -167,8 +422,8 @@ def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_
         runtime = time.perf_counter() - start
         trainer.save_model(str(out))
     metrics = write_metrics(out, trainer, result, runtime, extra_metrics)
-    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s", stage, result.global_step,
-             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0)
+    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s (%s attention)", stage, result.global_step,
+             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0, metrics["attn_implementation"])
     return trainer, metrics
 
 
@@ -185,6 +440,7 @@ def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict 
         "train_loss": train_output.metrics.get("train_loss"),
         "global_step": train_output.global_step,
         "world_size": trainer.args.world_size,  # processes that trained (launcher.num_processes)
+        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         **(extra or {}),
     }
     if torch.cuda.is_available():
