@@ -75,9 +75,13 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                   "tags": ["mistral", "mistral_tune", "trl", *[s["stage"] for s in stages]]}
     if _is_hub_id(name_or_path):
         meta["base_model"] = name_or_path
-    dataset_names = sorted({n for per in files.values() for n in per})
-    if dataset_names:
-        meta["datasets"] = dataset_names  # local files (hub ids when the data came from the Hub)
+    license_ = cfg.push.license or base_license(cfg)
+    if license_:
+        meta["license"] = license_
+    hub_ids = sorted({_hub_dataset(label) for r in reports.values() for label in r.get("per_source", {})} - {None})
+    if hub_ids:
+        meta["datasets"] = hub_ids  # Hub dataset ids only; local files are listed under Data
+    held_out = _eval_data_names(cfg)
     if results:
         last = list(results)[-1]
         metrics = [{"type": k, "name": k, "value": round(results[last][k], 4)}
@@ -85,8 +89,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                    if results[last].get(k) is not None]
         meta["model-index"] = [{"name": run_dir.root.resolve().name, "results": [{
             "task": {"type": "text-generation"},
-            "dataset": {"name": ", ".join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files]),
-                        "type": "held-out"},
+            "dataset": {"name": ", ".join(held_out), "type": "held-out"},
             "metrics": metrics}]}]
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -105,10 +108,17 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
     for kind, r in reports.items():
         lines.append(f"\n{kind}: {r['kept']} rows used ({r['too_long']} dropped as too long), {r['tokens']} tokens"
                      + (f", {r['trained_tokens']} trained" if "trained_tokens" in r else ""))
+    if template.startswith("mistral_"):
+        template_line = (f"Mistral's `{template}` instruct format ({_template_note(template)}), token-exact to "
+                         "`mistral-common`")
+    else:  # chatml and zephyr have no mistral-common reference: nothing to be exact to
+        vocab = (_read(run_dir.chat_format) or {}).get("vocab", "?")
+        template_line = (f"The `{template}` format ({_template_note(template)}) over the {vocab} vocabulary; its "
+                         "markers are plain text, not control tokens")
     lines += ["", "## Chat template", "",
-              f"Mistral's `{template}` instruct format ({_template_note(template)}), token-exact to "
-              "`mistral-common`; the tokenizer in this folder carries it as `chat_template`. "
+              f"{template_line}; the tokenizer in this folder carries it as `chat_template`. "
               f"Loss on: `{cfg.template.train_on}` tokens. Padding uses `<unk>` (never EOS).", ""]
+    lines += [f"License: {license_ or 'not known (set push.license=...; the base model card gives none)'}.", ""]
 
     lines += ["## Training", ""]
     for s in stages:
@@ -123,8 +133,9 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
         params = {k: trainer[k] for k in keys if k in trainer}
         params["max_length"] = c.get(s["stage"], {}).get("data", {}).get("max_length")
         if method != "none":
-            params.update({f"lora_{k}" if k == "r" else k: c["peft"][k]
-                           for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in c.get("peft", {})})
+            peft = {**c.get("peft", {}), **(c.get(s["stage"], {}).get("peft") or {})}  # the stage's own over peft.*
+            params.update({f"lora_{k}" if k == "r" else k: peft[k]
+                           for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in peft})
         params.update(dtype=c.get("model", {}).get("dtype"), seed=c.get("seed"),
                       processes=c.get("launcher", {}).get("num_processes"))
         lines += ["| hyperparameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in params.items()]
@@ -137,8 +148,11 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
 
     lines += ["## Evaluation", ""]
     if results:
-        lines += [f"Held-out data: {', '.join(Path(f).name for f in [*cfg.eval.files, *cfg.eval.pref_files])} "
-                  f"(at most {cfg.eval.max_samples} rows each). `task_score`: greedy answers exactly right; "
+        task = ("`task_score`: greedy answers exactly right; " if any(r.get("task_score") is not None
+                                                                       for r in results.values()) else "")
+        lines += [f"Held-out data: {', '.join(held_out)} "
+                  f"(at most {cfg.eval.max_samples} rows each). `eval_loss`/`perplexity`: on the trained tokens "
+                  f"of the held-out chats; {task}"
                   "`preference_accuracy`: the model gives the chosen reply a higher log-probability than the "
                   "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
                   "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
@@ -176,6 +190,49 @@ def write_card(cfg: DictConfig, results: dict | None = None, results_table: str 
     return path
 
 
+def base_license(cfg: DictConfig) -> str | None:
+    """The `license` of the base model's own card (README.md metadata) in its local folder or the HF
+    cache, else None (nothing is downloaded)."""
+    if not cfg.model.name_or_path:
+        return None
+    from mistral_tune.formats.checkpoint import locate
+
+    folder = locate(cfg.model.name_or_path, cfg.model.revision)
+    readme = folder / "README.md" if folder else None
+    if not (readme and readme.exists()):
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def _hub_dataset(label: str) -> str | None:
+    """org/name of a report's hub source label (hub:org/name[subset]:split@rev), None for files."""
+    if not label.startswith("hub:"):
+        return None
+    return label[4:].split(":")[0].split("[")[0]
+
+
+def _eval_data_names(cfg: DictConfig) -> list[str]:
+    """What eval held out, by name: the files, or `<stage>/eval.jsonl (held-out split of your data)`."""
+    from mistral_tune.stages.evaluate import eval_files
+
+    names = []
+    for layout in ("sft", "dpo"):
+        files, kind = eval_files(cfg, layout)
+        for f in files:
+            path = Path(f)
+            names.append(f"{path.parent.name}/{path.name} (held-out split of the training data)"
+                         if kind == "held_out" else path.name)
+    return names
+
+
 def _shape(base: Path) -> str:
     config = _read(base / "config.json") or {}
     keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
@@ -185,7 +242,9 @@ def _shape(base: Path) -> str:
 def _template_note(template: str) -> str:
     return {"mistral_v1": "Mistral-7B-Instruct v0.1/v0.2: `<s>[INST] user [/INST] reply</s>`",
             "mistral_v3": "Mistral-7B-Instruct v0.3: `[INST]`/`[/INST]` control tokens",
-            "mistral_v7": "system prompt in `[SYSTEM_PROMPT]` blocks"}.get(template, template)
+            "mistral_v7": "system prompt in `[SYSTEM_PROMPT]` blocks",
+            "chatml": "`<|im_start|>role ... <|im_end|>`", "zephyr": "`<|user|>` / `<|assistant|>` headers, EOS after each message"
+            }.get(template, template)
 
 
 def _num(x) -> str:

@@ -49,6 +49,7 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     from omegaconf import open_dict
 
     setup()
+    _register_default_resolvers()
     GlobalHydra.instance().clear()
     config_name = config_name or os.environ.get("MISTRAL_TUNE_CONFIG_NAME") or "config"
     inherited = os.environ.get("MISTRAL_TUNE_CONFIG_DIRS")  # a launched rank of a --config-dir command
@@ -58,7 +59,7 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     primary_dir, overrides = _primary_dir(config_name, overrides)
     try:
         with initialize_config_dir(str(primary_dir), version_base="1.3"):
-            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+            cfg = hydra_compose(config_name, overrides=model_group_overrides(overrides), return_hydra_config=True)
         with open_dict(cfg):
             hydra_node = cfg.pop("hydra")
         choices = OmegaConf.to_container(hydra_node.runtime.choices)
@@ -73,6 +74,9 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     if unknown:
         raise UserError(unknown_key_message(unknown[0]))
     check_stages(list(cfg.stages))
+    if OmegaConf.is_missing(cfg.model, "name_or_path"):
+        raise UserError("model=pretrained needs model.name_or_path=<a local checkpoint folder or a cached hub id>")
+    log_choices(resolve_model_defaults(cfg, overrides))
     return cfg, choices
 
 
@@ -87,6 +91,133 @@ def _primary_dir(config_name: str, overrides: list[str]) -> tuple[Path, list[str
             entries = ",".join(f"'file://{x}'" for x in [*dirs, str(CONFIG_DIR)])
             return Path(d), [o for o in overrides if o != searchpath] + [f"hydra.searchpath=[{entries}]"]
     return CONFIG_DIR, overrides
+
+
+# --- defaults that follow the model and the data (issue 11) -------------------------------------
+#
+# The tiny model's demo values (configs/model/tiny.yaml: full fine-tuning, lr 3e-3, 8 epochs) and
+# the bundled data's max_length 256 must never reach a real checkpoint or the user's own data.
+# `model.name_or_path=<folder or cached hub id>` alone selects configs/model/pretrained.yaml (LoRA,
+# the Zephyr recipe's values, the format read from the checkpoint); `<stage>.data.max_length` left
+# null becomes 256 for the bundled files and the model's context (capped) for anything else.
+
+BUNDLED_MAX_LENGTH = 256  # the bundled chats run to ~130 tokens (v1-v7 alike); tools_sft.jsonl to <256
+
+
+def _register_default_resolvers() -> None:
+    if not OmegaConf.has_resolver("by_peft"):
+        # ${by_peft:${peft.method},${model.default_peft},<LoRA value>,<full fine-tuning value>}:
+        # a pretrained model's learning rate follows the training method actually used.
+        OmegaConf.register_new_resolver(
+            "by_peft", lambda method, default, lora, full: full if (default if method == "auto" else method) == "none"
+            else lora)
+
+
+def _override_keys(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        if "=" in o:
+            key, value = o.split("=", 1)
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def model_group_overrides(overrides: list[str]) -> list[str]:
+    """`model.name_or_path=X` without a `model=` (or `experiment=`) choice: the pretrained-model
+    group, not the tiny model's demo values. Also used by sweeps (-m) before Hydra composes."""
+    keys = _override_keys(overrides)
+    path = keys.get("model.name_or_path")
+    if path not in (None, "", "null") and "model" not in keys and "experiment" not in keys:
+        return ["model=pretrained", *overrides]
+    return list(overrides)
+
+
+def is_bundled(cfg: DictConfig, kind: str) -> bool:
+    """True when `kind`'s dataset is exactly files shipped in data/ (no other file, no source)."""
+    data = cfg[kind].data
+    files = [Path(f).resolve() for f in data.files or []]
+    return bool(files) and not data.sources and all(DATA_DIR.resolve() in f.parents for f in files)
+
+
+def model_context(cfg: DictConfig) -> tuple[int | None, str]:
+    """(max_position_embeddings, where from) of the model the run trains."""
+    if not cfg.model.name_or_path:
+        n = cfg.model.config.get("max_position_embeddings") if cfg.model.config else None
+        return n, "model.config.max_position_embeddings"
+    from mistral_tune.formats.checkpoint import inspect_checkpoint
+
+    try:
+        context = inspect_checkpoint(cfg.model.name_or_path, cfg.model.revision).context
+    except UserError:
+        return None, f"{cfg.model.name_or_path} not readable here"
+    return context, f"{cfg.model.name_or_path}/config.json max_position_embeddings"
+
+
+def resolve_model_defaults(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str, str]]:
+    """Fill what depends on the model and the data (each stage's max_length), and return
+    [(choice, value, where it came from)] for the log."""
+    keys = _override_keys(overrides)
+    experiment = keys.get("experiment")
+    model_choice = keys.get("model") or ("pretrained" if cfg.model.name_or_path else "tiny")
+    where = f"experiment={experiment}" if experiment else f"configs/model/{model_choice}.yaml"
+
+    def source(key: str) -> str:
+        return "command line" if key in keys else where
+
+    choices = []
+    for kind in ("sft", "dpo", "orpo"):  # every stage's, so a later `stages=` sees the same values
+        data, shown = cfg[kind].data, kind in cfg.stages
+        if data.max_length is not None:
+            value, why = data.max_length, source(f"{kind}.data.max_length")
+        elif is_bundled(cfg, kind):
+            value, why = BUNDLED_MAX_LENGTH, "the bundled data's (configs/data/bundled.yaml)"
+        else:
+            context, whence = model_context(cfg)
+            cap = cfg.model.max_length_cap
+            value = min(context, cap) if context else cap
+            why = (f"min({whence} {context}, model.max_length_cap {cap})" if context
+                   else f"model.max_length_cap ({whence})")
+        data.max_length = value
+        if shown:
+            choices.append((f"{kind}.data.max_length", str(value), why))
+
+    from mistral_tune.formats.chat_format import ChatFormat
+
+    try:
+        fmt = ChatFormat.resolve(cfg)
+        template = f"{fmt.template} ({fmt.vocab} vocabulary)" if fmt.template != fmt.vocab else fmt.template
+        template_src = ("template=" + cfg.template.name if cfg.template.name != "auto" else
+                        ChatFormat.describe_auto(cfg))
+    except UserError as err:
+        template, template_src = "unresolved", str(err).splitlines()[0]
+    choices.insert(0, ("template", template, template_src))
+    method = cfg.model.default_peft if cfg.peft.method == "auto" else cfg.peft.method
+    choices.insert(1, ("peft", method, "peft=" + cfg.peft.method if cfg.peft.method != "auto"
+                       else f"model.default_peft ({where})"))
+    for kind in cfg.stages:
+        trainer = cfg[kind].trainer
+        for key in ("learning_rate", "num_train_epochs", *(["beta"] if kind == "dpo" else [])):
+            value = trainer.get(key) if not OmegaConf.is_missing(trainer, key) else "TRL default"
+            choices.append((f"{kind}.trainer.{key}", str(value), source(f"{kind}.trainer.{key}")))
+    import torch
+
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = f"auto: {'bfloat16 (CUDA)' if torch.cuda.is_available() else 'float32 (no CUDA)'}"
+    choices.append(("model.dtype", dtype, source("model.dtype")))
+    return choices
+
+
+def log_choices(choices: list[tuple[str, str, str]]) -> None:
+    """Once per command, on the launching process (ranks started by a launcher stay quiet)."""
+    import logging
+    import os
+
+    if os.environ.get("LOCAL_RANK") is not None:
+        return
+    log = logging.getLogger("mistral_tune")
+    width = max(len(c) for c, _, _ in choices)
+    log.info("resolved defaults:\n%s", "\n".join(f"  {c:<{width}}  {v}  <- {s}" for c, v, s in choices))
 
 
 def check_stages(stages: list[str]) -> None:

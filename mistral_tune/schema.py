@@ -82,8 +82,12 @@ class ModelConfig:
     # MistralConfig fields for a randomly initialised model (ignored when name_or_path is set).
     config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0  # seed of the random initialisation, so the tiny base is reproducible
-    default_template: str = "mistral_v1"  # chat format used when template=auto
+    # Chat format used when template=auto; auto reads the checkpoint's vocabulary (v1, v3, v7).
+    default_template: str = "mistral_v1"
     default_peft: str = "lora"  # training method used when peft=auto
+    # A null data max_length on your own data becomes min(max_position_embeddings, this): the
+    # memory of a step grows with the longest row.
+    max_length_cap: int = 4096
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32|bfloat16|float16
     # auto: flash_attention_2 if installed on CUDA, else flex_attention on CUDA, sdpa on CPU
     attn_implementation: str = "auto"
@@ -157,8 +161,9 @@ class StageData:
     sources: list[SourceConfig] = field(default_factory=list)
     format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
     # Rows longer than this many tokens are dropped and counted in report.json; never truncated
-    # silently (a truncated row can lose its EOS).
-    max_length: int = 1024
+    # silently (a truncated row can lose its EOS). null: 256 for the bundled files, else the
+    # model's context capped at model.max_length_cap (mistral_tune.config.resolve_model_defaults).
+    max_length: Optional[int] = None
     limit: Optional[int] = None  # keep only the first N rows (smoke tests)
 
 
@@ -166,12 +171,18 @@ class StageData:
 class SFTStage:
     data: StageData = field(default_factory=StageData)
     trainer: SFTTrainerArgs = field(default_factory=SFTTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DPOStage:
     data: StageData = field(default_factory=StageData)
     trainer: DPOTrainerArgs = field(default_factory=DPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +191,9 @@ class ORPOStage:
     # built by mistral_tune.training.trainers.build_orpo_trainer.
     data: StageData = field(default_factory=StageData)
     trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    peft: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,6 +213,8 @@ class PushConfig:
     include_adapters: bool = False  # also upload the adapters under adapters/<stage>
     dry_run: bool = False  # list what would be uploaded, upload nothing
     commit_message: str = "Upload model trained with mistral_tune"
+    # The card's `license`; null: the base model card's license (local folder or HF cache), if any.
+    license: Optional[str] = None
     max_retries: int = 5
 
 
@@ -231,9 +247,16 @@ class EvalConfig:
     enabled: bool = True  # the pipeline evaluates after merge
     # Held-out SFT chats (any SFT format): loss/perplexity on their trained tokens, and greedy
     # generation on their last user turn, scored by the bundled task checker where it applies.
-    files: list[str] = field(default_factory=list)
+    # null: the bundled held-out chats when SFT trains on the bundled data, else the held-out split
+    # of your own SFT rows (run_dir/data/<stage>/eval.jsonl; perplexity only, no generation).
+    files: Optional[list[str]] = None
     # Held-out preference pairs (any preference format): preference accuracy and reward margin.
-    pref_files: list[str] = field(default_factory=list)
+    # null: as files, with the bundled pairs or the held-out split of your preference rows.
+    pref_files: Optional[list[str]] = None
+    # Share of the prompts of your own data (not the bundled data, which ships held-out files) that
+    # the data stage holds out for eval, at most max_samples rows, seeded; training rows sharing a
+    # held-out prompt are dropped (counted as decontaminated). 0: no split.
+    split_fraction: float = 0.05
     # Models to evaluate, those present in run_dir: null = base and every stage in stages=[...].
     models: Optional[list[str]] = None
     max_samples: int = 100  # at most this many chats and pairs per model (each a fraction of the files)

@@ -110,7 +110,7 @@ def multirun(command: str, overrides: list[str], run_command, report) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from mistral_tune.config import CONFIG_DIR, compose, setup
+    from mistral_tune.config import CONFIG_DIR, compose, model_group_overrides, resolve_model_defaults, setup
 
     try:
         compose(_first_of_sweeps(overrides))
@@ -133,6 +133,7 @@ def multirun(command: str, overrides: list[str], run_command, report) -> int:
             cfg.run_dir = hc.runtime.output_dir  # <run_dir>/<job number>
             cfg.logger.group = cfg.logger.group or group_name(hc.sweep.dir)  # one W&B group per sweep
         job_overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
+        resolve_model_defaults(cfg, job_overrides)  # max_length from the model and data, as compose does
         name = where["objective"] = objective_name(cfg, command)
         where["direction"] = direction(cfg, name) if name else "minimize"
         record = {"job": hc.job.num, "overrides": job_overrides, "run_dir": cfg.run_dir, "objective": None}
@@ -149,7 +150,7 @@ def multirun(command: str, overrides: list[str], run_command, report) -> int:
         return record["objective"]  # what Hydra's sweeper (e.g. Optuna) optimises
 
     saved = sys.argv
-    sys.argv = [saved[0], "-m", *overrides]
+    sys.argv = [saved[0], "-m", *model_group_overrides(overrides)]
     try:
         job()
     finally:

@@ -22,6 +22,7 @@ from mistral_tune.cli import _strip_launcher_args
 from mistral_tune.config import CONFIG_DIR, compose, trainer_kwargs
 from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from mistral_tune.training.modeling import lora_config
 from mistral_tune.schema import OWNED_TRAINER_FIELDS
 from mistral_tune.formats.templates import ALL_TEMPLATES
@@ -82,6 +83,7 @@ RECIPE_VALUES = {
         "sft.trainer.lr_scheduler_type": "cosine",
         "sft.trainer.warmup_steps": 0.1,
         "dpo.data.max_length": 1024,
+        "dpo.peft": {"r": 128, "lora_alpha": 128},  # dpo/config_qlora.yaml: the DPO adapter's own rank
         "dpo.trainer.beta": 0.01,
         "dpo.trainer.learning_rate": 5.0e-6,
         "dpo.trainer.num_train_epochs": 1,
@@ -143,7 +145,11 @@ def test_recipe_values(experiment):
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_group_option_builds(group, option, tmp_path):
-    build_all(compose([f"{group}={option}"]), tmp_path)
+    extra = []
+    if (group, option) == ("model", "pretrained"):  # needs a checkpoint: its tokenizer gives the format
+        build_hf_tokenizer("mistral_v3").save_pretrained(tmp_path / "ckpt")
+        extra = [f"model.name_or_path={tmp_path / 'ckpt'}"]
+    build_all(compose([f"{group}={option}", *extra]), tmp_path)
 
 
 def test_every_group_has_options():

@@ -77,7 +77,9 @@ def write_jsonl(path, rows):
 
 
 def build(tmp_path, *overrides):
-    cfg = compose([f"run_dir={tmp_path / 'run'}", "logger=none", *overrides])
+    # eval.split_fraction=0: these tests account for every given row; the held-out split of user
+    # data is tested in tests/test_real_model.py
+    cfg = compose([f"run_dir={tmp_path / 'run'}", "logger=none", "eval.split_fraction=0", *overrides])
     out = data.run(cfg)
     return out, data_reports(out.parent)
 

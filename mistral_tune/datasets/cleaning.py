@@ -142,6 +142,10 @@ class Decontaminator:
         for i in range(len(tokens) - self.n + 1):
             self.grams.setdefault(" ".join(tokens[i:i + self.n]), where)
 
+    def add_prompt(self, prompt: str, where: str) -> None:
+        """One more evaluation prompt (a held-out row's), given as text."""
+        self._add(words(prompt), where)
+
     def check(self, text: str) -> str | None:
         if not self.grams:
             return None

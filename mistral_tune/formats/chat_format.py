@@ -26,17 +26,42 @@ class ChatFormat:
 
     @classmethod
     def resolve(cls, cfg: DictConfig) -> ChatFormat:
-        """From the config: `template=auto` is the model's own format; chatml and zephyr take the
-        model's vocabulary (mistral_v1 for v0.1, mistral_v3 for v0.3)."""
+        """From the config: `template=auto` is the model's own format (`model.default_template`;
+        `auto` there reads the checkpoint's vocabulary); chatml and zephyr take the model's
+        vocabulary. A checkpoint that can be read must have the vocabulary the format encodes
+        with: a v1 template on a v3 checkpoint trains on ids that mean something else to it."""
+        checkpoint = _checkpoint(cfg)
+        default = cfg.model.default_template
+        if default == "auto":
+            if checkpoint is None or checkpoint.vocab is None:
+                name = cfg.model.name_or_path
+                why = ("the random tiny model has no checkpoint" if not name else
+                       f"{name} holds no tokenizer file" if checkpoint else
+                       f"{name} is not a local folder and not in the Hugging Face cache (nothing is downloaded)")
+                raise UserError(f"template=auto reads the checkpoint's vocabulary: {why}",
+                                hint="set template=mistral_v1|mistral_v3|mistral_v7 (or download the model first)")
+            default = checkpoint.vocab
         name = cfg.template.name
-        template = cfg.model.default_template if name == "auto" else name
+        template = default if name == "auto" else name
         if template not in templates.ALL_TEMPLATES:
             raise UserError(f"template={template!r} is not one of {', '.join(templates.ALL_TEMPLATES)}")
-        vocab = cfg.model.default_template if template in templates.TEXT_TEMPLATES else template
+        vocab = default if template in templates.TEXT_TEMPLATES else template
         if vocab not in templates.TEMPLATES:
             raise UserError(f"{template} needs a Mistral vocabulary: model.default_template={vocab!r} is not one of "
                             f"{', '.join(templates.TEMPLATES)}")
+        if checkpoint is not None and checkpoint.vocab not in (None, vocab):
+            raise UserError(f"template {template} encodes with the {vocab} vocabulary, but {checkpoint.path} has the "
+                            f"{checkpoint.vocab} vocabulary ({checkpoint.evidence})",
+                            hint="use template=auto (chatml and zephyr take the checkpoint's vocabulary)")
         return cls(template, vocab)
+
+    @staticmethod
+    def describe_auto(cfg: DictConfig) -> str:
+        """Where `template=auto` took the format from, for the run's log."""
+        if cfg.model.default_template != "auto":
+            return f"model.default_template={cfg.model.default_template}"
+        checkpoint = _checkpoint(cfg)
+        return f"{checkpoint.path}: {checkpoint.evidence}"
 
     @classmethod
     def load(cls, run_dir: RunDir, needed_by: str) -> ChatFormat:
@@ -70,3 +95,14 @@ class ChatFormat:
         from mistral_tune.formats.tokenizer import build_hf_tokenizer
 
         return build_hf_tokenizer(self.template, self.vocab if self._vocab_arg else None)
+
+
+def _checkpoint(cfg: DictConfig):
+    """What the pretrained checkpoint says about its vocabulary; None for the tiny model or a hub id
+    that is not in the local cache (nothing is downloaded to find out)."""
+    from mistral_tune.formats.checkpoint import inspect_checkpoint, locate
+
+    name = cfg.model.name_or_path
+    if not name or locate(name, cfg.model.revision) is None:
+        return None
+    return inspect_checkpoint(name, cfg.model.revision)

@@ -11,6 +11,10 @@ and writes run_dir/tokenizer; later builds must agree with it.
 The CLI builds what a command needs before the command runs (`ensure`); the `data` command
 builds the data of every stage in `stages=[...]` that has data configured.
 
+The user's own data (not the bundled files) loses a seeded `eval.split_fraction` of its prompts
+to data/<stage>/eval.jsonl (ordinary rows, read by eval); training rows starting with a held-out
+prompt, or sharing an n-gram with a long one, count as decontaminated (`split_eval`, `HeldOut`).
+
 Per dataset, in order: each source is read and validated (rejected), rows past `limit` are not
 read, rows overlapping evaluation prompts are dropped (decontaminated), then duplicates of
 earlier rows (deduplicated), then rows over max_length tokens (too_long). Per stage and per
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import random
 import shutil
@@ -46,6 +51,8 @@ log = logging.getLogger("mistral_tune")
 
 COUNTS = ("read", "kept", "rejected", "deduplicated", "decontaminated", "too_long")
 HISTOGRAM = "length_histogram.png"
+EVAL_ROWS = "eval.jsonl"  # the held-out split of the user's own rows (split_eval), read by eval
+MIN_HELD_OUT = 5  # fewer held-out rows measure nothing and cost a small dataset its rows: no split
 
 
 def _file_digest(path: Path) -> str:
@@ -328,6 +335,66 @@ def fix_chat_format(cfg: DictConfig, run_dir: RunDir) -> ChatFormat:
     return fmt
 
 
+class HeldOut:
+    """The stage's decontaminator, plus the prompts held out for evaluation: a training row that
+    starts with a held-out prompt (the held-out row itself, another reply to it) or shares an
+    n-gram with a long one is dropped and counted as decontaminated. No held-out prompt trains."""
+
+    def __init__(self, base: cleaning.Decontaminator, prompts: list[str], where: str):
+        self.base, self.where, self.prefixes = base, where, prompts
+        self.extra = cleaning.Decontaminator([], base.n)
+        for prompt in prompts:
+            if len(cleaning.words(prompt)) >= base.n:  # short prompts are matched by prefix only
+                self.extra.add_prompt(prompt, where)
+
+    def check(self, text: str) -> str | None:
+        for prompt in self.prefixes:
+            if text == prompt or text.startswith(prompt + "\n"):
+                return f"its prompt is held out for evaluation ({self.where})"
+        reason = self.extra.check(text)
+        return f"{reason} (held out for evaluation)" if reason else self.base.check(text)
+
+    def __getattr__(self, name):  # files, prompts, n: the configured decontamination's
+        return getattr(self.base, name)
+
+
+def _prompt_text(row: dict, layout: str) -> str:
+    """The prompt of a row as `cleaning.row_text` renders it: a chat up to its first user turn,
+    a pair's prompt messages."""
+    if layout == "sft":
+        messages = row["messages"]
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+        return cleaning.row_text({"messages": messages[:first_user + 1]}, "sft")
+    return cleaning.row_text({"messages": row["prompt"]}, "sft")
+
+
+def split_eval(cfg: DictConfig, kind: str) -> tuple[list[dict], list[str]]:
+    """(held-out rows, their prompts): a seeded eval.split_fraction of the distinct prompts of the
+    user's own rows (one row each, at most eval.max_samples); none for the bundled data, which
+    ships its own held-out files. The rows are read here, before `build_stage` reads them again
+    for training, so the split does not depend on how that loop reads or filters."""
+    from mistral_tune.config import is_bundled
+
+    fraction = cfg.eval.split_fraction
+    if not 0 <= fraction < 1:
+        raise UserError(f"eval.split_fraction={fraction} must be in [0, 1)")
+    if fraction == 0 or is_bundled(cfg, kind):
+        return [], []
+    layout = DATA_LAYOUT[kind]
+    first: dict[str, dict] = {}  # prompt -> its first row, in reading order
+    for src in stage_sources(cfg, kind):
+        for row in sources.load_source(src, layout, on_error="skip", fmt=cfg[kind].data.format).rows:
+            first.setdefault(_prompt_text(row, layout), row)
+    prompts = list(first)
+    n = min(round(fraction * len(prompts)), cfg.eval.max_samples)
+    if n < MIN_HELD_OUT:
+        log.info("data/%s: %d prompts: %s of them is under %d rows, none held out for eval "
+                 "(give eval.files=[...] for an evaluation)", kind, len(prompts), fraction, MIN_HELD_OUT)
+        return [], []
+    held = sorted(random.Random(f"{cfg.seed}:eval:{kind}").sample(range(len(prompts)), n))
+    return [first[prompts[i]] for i in held], [prompts[i] for i in held]
+
+
 def build(cfg: DictConfig, kind: str) -> None:
     if kind not in DATA_LAYOUT:
         raise UserError(f"no data for stage {kind!r}; training stages: {', '.join(DATA_LAYOUT)}")
@@ -338,13 +405,24 @@ def build(cfg: DictConfig, kind: str) -> None:
     fmt = fix_chat_format(cfg, run_dir)
     stage, out = runs.data_stage(kind), run_dir.data(kind)
     inputs = cache_inputs(cfg, kind, fmt)
+    inputs["eval_split"] = {"fraction": cfg.eval.split_fraction, "max_samples": cfg.eval.max_samples,
+                            "seed": cfg.seed}
     if runs.check_done(cfg, stage, inputs):
         if cfg.data.show:  # a finished build is shown as it is, never rebuilt for it
             show_built(run_dir, kind, cfg.data.show)
         return
     runs.write_stage_config(cfg, stage)
     decontaminator = cleaning.Decontaminator(list(cfg.data.decontaminate.files), cfg.data.decontaminate.ngram)
+    held_rows, held_prompts = split_eval(cfg, kind)
+    eval_path = out / EVAL_ROWS
+    eval_path.unlink(missing_ok=True)
     report = {"template": fmt.template, "vocab": fmt.vocab}
+    if held_rows:
+        decontaminator = HeldOut(decontaminator, held_prompts, f"{kind}/{EVAL_ROWS}")
+        runs.atomic_write_text(eval_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held_rows))
+        report["held_out"] = {"rows": len(held_rows), "file": EVAL_ROWS, "fraction": cfg.eval.split_fraction,
+                              "note": "held-out rows and training rows sharing their prompts are counted "
+                                      "as decontaminated"}
     if decontaminator.files:
         report["decontaminate"] = {"files": decontaminator.files, "prompts": decontaminator.prompts,
                                    "ngram": decontaminator.n}
@@ -362,6 +440,9 @@ def build(cfg: DictConfig, kind: str) -> None:
     mixed = f"; {r['examples']} examples after weights" if r["examples"] != r["kept"] else ""
     log.info("data/%s: read %d, kept %d, rejected %d%s, too long %d%s; %d tokens",
              kind, r["read"], r["kept"], r["rejected"], extra, r["too_long"], mixed, r["tokens"])
+    if held_rows:
+        log.info("data/%s: %d rows held out for eval (eval.split_fraction %s) in %s; training rows sharing "
+                 "their prompts dropped", kind, len(held_rows), cfg.eval.split_fraction, eval_path)
     sources.write_rejects(rejects, out / "rejects.jsonl")
     write_histogram(kind, [example_length(e) for e in examples], cfg[kind].data.max_length, out / HISTOGRAM)
     report["histogram"] = HISTOGRAM

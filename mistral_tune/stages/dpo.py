@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> Path:
 
     trainer, metrics = train_and_save(cfg, "dpo", out, lambda report_to: build_dpo_trainer(
         cfg, model, ref_model, tokenizer, train_dataset, out, report_to,
-        peft_config=lora_config(cfg) if method != "none" else None,
+        peft_config=lora_config(cfg, "dpo") if method != "none" else None,
     ), {"method": method, "pairs": len(train_dataset), "reference": ref_kind})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "dpo", {"model": model_ref, "method": method, "metrics": metrics,

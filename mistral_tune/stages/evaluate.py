@@ -74,27 +74,62 @@ def model_refs(cfg: DictConfig) -> dict[str, dict]:
     return refs
 
 
+BUNDLED_EVAL = {"sft": "eval_sft.jsonl", "dpo": "eval_dpo.jsonl"}  # data/: held out from the bundled sets
+
+
+def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
+    """(held-out files, what they are) of a layout: `eval.files` / `eval.pref_files` when given;
+    null: the bundled held-out file when the first stage of that layout trains on the bundled
+    data, else that stage's held-out split of the user's rows (data/<stage>/eval.jsonl)."""
+    from mistral_tune.config import DATA_DIR, is_bundled
+    from mistral_tune.stages import DATA_LAYOUT
+    from mistral_tune.stages.data import EVAL_ROWS, has_data
+
+    given = cfg.eval.files if layout == "sft" else cfg.eval.pref_files
+    if given is not None:
+        return list(given), "given"
+    stage = next((s for s in cfg.stages if DATA_LAYOUT[s] == layout and has_data(cfg, s)), None)
+    if stage is None:
+        return [], "none"
+    if is_bundled(cfg, stage):
+        return [str(DATA_DIR / BUNDLED_EVAL[layout])], "bundled"
+    held = RunDir.of(cfg).data(stage) / EVAL_ROWS
+    return ([str(held)], "held_out") if held.exists() else ([], "none")
+
+
+def has_eval_data(cfg: DictConfig) -> bool:
+    return any(eval_files(cfg, layout)[0] for layout in ("sft", "dpo"))
+
+
 def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
-    """Held-out chats (loss sequences and generation prompts) and preference pairs, encoded."""
+    """Held-out chats (loss sequences and generation prompts) and preference pairs, encoded.
+    Generation (task_score) runs on the bundled chats and on files the user names, not on the
+    held-out split of the user's rows: exact match on long free-form replies measures nothing."""
     max_len, n = cfg.sft.data.max_length, cfg.eval.max_samples
-    chats = sources.load_rows(list(cfg.eval.files), "sft", on_error=cfg.data.on_error).rows if cfg.eval.files else []
-    pairs = sources.load_rows(list(cfg.eval.pref_files), "dpo", on_error=cfg.data.on_error).rows if cfg.eval.pref_files else []
+    chat_files, chat_kind = eval_files(cfg, "sft")
+    pair_files, pair_kind = eval_files(cfg, "dpo")
+    chats = sources.load_rows(chat_files, "sft", on_error=cfg.data.on_error).rows if chat_files else []
+    pairs = sources.load_rows(pair_files, "dpo", on_error=cfg.data.on_error).rows if pair_files else []
     loss_seqs, prompts = [], []
     for row in chats[:n]:
         enc = fmt.encode_chat(row["messages"], train_on=cfg.template.train_on)
         if len(enc.input_ids) > max_len:
             continue  # as in training: never truncated
         loss_seqs.append((enc.input_ids, enc.assistant_masks))
+        if chat_kind == "held_out":
+            continue
         prompt = row["messages"][:-1]  # up to the last user turn, earlier replies the reference ones
         prompts.append({"ids": fmt.encode_prompt(prompt), "user": prompt[-1]["content"],
                         "reference": row["messages"][-1]["content"]})
     pref_seqs = []
+    pref_len = cfg[next((s for s in cfg.stages if s != "sft"), "dpo")].data.max_length
     for row in pairs[:n]:
         p, c, r = fmt.encode_preference(row["prompt"], row["chosen"], row["rejected"])
-        if len(p) + max(len(c), len(r)) > cfg.dpo.data.max_length:
+        if len(p) + max(len(c), len(r)) > pref_len:
             continue
         pref_seqs += [(p + c, [0] * len(p) + [1] * len(c)), (p + r, [0] * len(p) + [1] * len(r))]
-    return {"loss": loss_seqs, "prompts": prompts, "pairs": pref_seqs}
+    return {"loss": loss_seqs, "prompts": prompts, "pairs": pref_seqs,
+            "files": {"chats": chat_files, "chats_kind": chat_kind, "pairs": pair_files, "pairs_kind": pair_kind}}
 
 
 @torch.no_grad()
@@ -242,7 +277,7 @@ def _beta(cfg: DictConfig) -> float:
 
 def _inputs(cfg: DictConfig, refs: dict) -> dict:
     files = {}
-    for path in sources.expand_files([*cfg.eval.files, *cfg.eval.pref_files]):
+    for path in sources.expand_files([*eval_files(cfg, "sft")[0], *eval_files(cfg, "dpo")[0]]):
         files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     stages = {s: (runs.read_manifest(cfg, s) or {}).get("fingerprint") for s in (*cfg.stages, "merge")}
     return {"models": refs, "stages": stages, "files": files}
@@ -266,7 +301,8 @@ def run(cfg: DictConfig) -> Path:
     tokenizer = load_tokenizer(run_dir.tokenizer)
     data = load_eval_data(cfg, fmt)
     if not (data["loss"] or data["pairs"]):
-        raise UserError("eval: no held-out data; set eval.files=[...] and/or eval.pref_files=[...]")
+        raise UserError("eval: no held-out data; set eval.files=[...] and/or eval.pref_files=[...]",
+                        hint="or keep eval.split_fraction > 0 so the data stage holds out some of your rows")
 
     start = time.perf_counter()
     results, logps = {}, {}
@@ -288,7 +324,7 @@ def run(cfg: DictConfig) -> Path:
     card_path = card.write_card(cfg, results, table(results))
     if card_path:
         log.info("eval: model card in %s", card_path)
-    runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts,
+    runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts, "files": data["files"],
                                     "runtime": round(runtime, 3), "beta": _beta(cfg)}, inputs)
     return out
 

@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> Path:
 
     trainer, metrics = train_and_save(cfg, "orpo", out, lambda report_to: build_orpo_trainer(
         cfg, model, tokenizer, train_dataset, out, report_to,
-        peft_config=lora_config(cfg) if method != "none" else None,
+        peft_config=lora_config(cfg, "orpo") if method != "none" else None,
     ), {"method": method, "pairs": len(train_dataset)})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "orpo", {"model": model_ref, "method": method, "metrics": metrics,

@@ -27,7 +27,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     for stage in cfg.stages:
         train(cfg, stage, overrides)
     out = merge.run(cfg)
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and not evaluate.has_eval_data(cfg):
+        log.warning("pipeline: eval skipped: no held-out data (your data is too small for an "
+                    "eval.split_fraction split; give eval.files=[...] / eval.pref_files=[...])")
+    elif cfg.eval.enabled:
         evaluate.run(cfg)  # before push, so the pushed model card carries the evaluation table
     if cfg.push.repo_id:
         push.run(cfg)

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> Path:
 
     trainer, metrics = train_and_save(cfg, "sft", out, lambda report_to: build_sft_trainer(
         cfg, model, tokenizer, train_dataset, out, report_to,
-        peft_config=lora_config(cfg) if method != "none" else None,
+        peft_config=lora_config(cfg, "sft") if method != "none" else None,
     ), {"method": method})
     model_ref = model_ref_after(out, method, start)
     runs.finish_stage(cfg, "sft", {"model": model_ref, "method": method, "metrics": metrics,

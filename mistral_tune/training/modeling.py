@@ -135,18 +135,30 @@ def load_model(path: str, cfg: DictConfig, quantize: bool = False, dtype: torch.
         raise UserError(f"cannot load model from {path!r}: {str(err).splitlines()[0]}") from None
 
 
-def lora_config(cfg: DictConfig):
+STAGE_PEFT_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+
+
+def lora_config(cfg: DictConfig, stage: str | None = None):
+    """peft.*, with `<stage>.peft` over it: each stage trains its own adapter, so each may have its
+    own rank (Zephyr's QLoRA recipe: r=16 for SFT, r=128 for DPO)."""
     from peft import LoraConfig
 
-    targets = cfg.peft.target_modules
+    settings = {k: cfg.peft[k] for k in STAGE_PEFT_KEYS}
+    if stage is not None:
+        extra = OmegaConf.to_container(cfg[stage].peft, resolve=True) if cfg[stage].get("peft") else {}
+        unknown = set(extra) - set(STAGE_PEFT_KEYS)
+        if unknown:
+            raise UserError(f"{stage}.peft: unknown key(s) {sorted(unknown)}; per-stage keys: {', '.join(STAGE_PEFT_KEYS)}")
+        settings.update(extra)
+    targets = settings["target_modules"]
     if not isinstance(targets, str):
         targets = list(targets)
     return LoraConfig(
-        r=cfg.peft.r,
-        lora_alpha=cfg.peft.lora_alpha,
-        lora_dropout=cfg.peft.lora_dropout,
+        r=settings["r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
         target_modules=targets,
-        use_rslora=cfg.peft.use_rslora,
+        use_rslora=settings["use_rslora"],
         task_type="CAUSAL_LM",
     )
 
