@@ -28,11 +28,18 @@ def cli(*args, env=None, timeout=300):
                           env=env, timeout=timeout)
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The error and what follows it (the log of resolved defaults may come before)."""
+    lines = stderr.strip().splitlines()
+    first = next(i for i, line in enumerate(lines) if ": error: " in line)
+    return lines[first:]
+
+
 def one_line_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[mistral_tune]")]
-    assert 1 <= len(err) <= 2, proc.stderr
+    err = error_lines(proc.stderr)
+    assert 1 <= len(err) <= 2 and (len(err) == 1 or err[1].startswith("hint: ")), proc.stderr
     for needle in needles:
         assert needle in proc.stderr, proc.stderr
 

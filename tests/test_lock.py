@@ -84,8 +84,9 @@ def test_second_command_in_a_busy_run_dir_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mistral_tune", "data", f"run_dir={tmp_path}"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and len(err) <= 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    err = lines[next(i for i, line in enumerate(lines) if ": error: " in line):]
+    assert "Traceback" not in proc.stderr and len(err) == 2 and err[1].startswith("hint: "), proc.stderr
     assert f"process {os.getpid()} on {socket.gethostname()}" in proc.stderr and "busy" in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
 
