@@ -82,12 +82,12 @@ def run_command(command: str, cfg, overrides: list[str]):
     any launcher starts (so ranks never race to build them). Stage modules import torch and
     transformers: they load here, once a command runs, so `--help` and config errors are instant."""
     from mistral_tune.launch import train
-    from mistral_tune.stages import DATA_LAYOUT, data
+    from mistral_tune.stages import DATA_LAYOUT, data, pipeline
 
     if command == "tokenizer":
         return write_tokenizer(cfg)
     if command in DATA_LAYOUT:
-        data.ensure(cfg, command)
+        pipeline.prepare(cfg, command)
         train(cfg, command, overrides)
         return RunDir.of(cfg).stage(command)
     if command == "plan" and not any(cfg.plan[f"{s}_rows"] for s in ("sft", "dpo")):

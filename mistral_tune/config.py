@@ -133,7 +133,10 @@ def model_group_overrides(overrides: list[str]) -> list[str]:
 
 
 def is_bundled(cfg: DictConfig, kind: str) -> bool:
-    """True when `kind`'s dataset is exactly files shipped in data/ (no other file, no source)."""
+    """True when `kind`'s dataset is exactly files shipped in data/ (no other file, no source), or
+    DPO's pairs sampled (pairs=onpolicy) on the bundled SFT prompts."""
+    if kind == "dpo" and cfg.pairs.name == "onpolicy" and not cfg.pairs.prompts_files:
+        return is_bundled(cfg, "sft")
     data = cfg[kind].data
     files = [Path(f).resolve() for f in data.files or []]
     return bool(files) and not data.sources and all(DATA_DIR.resolve() in f.parents for f in files)

@@ -192,8 +192,31 @@ class ORPOStage:
     data: StageData = field(default_factory=StageData)
     trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
     # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
-    # target_modules, use_rslora), e.g. dpo.peft={r: 128, lora_alpha: 128} as in Zephyr's QLoRA DPO.
+    # target_modules, use_rslora), e.g. orpo.peft={r: 64, lora_alpha: 64}.
     peft: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PairsConfig:
+    # given: DPO trains on dpo.data as configured (the bundled, hand-written pairs by default);
+    # onpolicy: on the pairs the `pairs` stage samples from the policy DPO starts from and scores
+    # (configs/pairs/onpolicy.yaml points dpo.data.files at run_dir/pairs/pairs.jsonl).
+    name: str = "given"
+    # Chats whose prompts (each up to its last user turn) are sampled; empty: sft.data's files.
+    # Prompts of eval.files and eval.pref_files are always left out.
+    prompts_files: list[str] = field(default_factory=list)
+    max_prompts: Optional[int] = None  # the first N prompts; null: all
+    num_samples: int = 4  # completions per prompt (k); the best and the worst scored make a pair
+    temperature: float = 1.0  # sampling temperature: higher gives more varied (and more wrong) samples
+    top_p: float = 1.0  # nucleus sampling; 1.0 samples the full distribution
+    max_new_tokens: int = 16  # the longest bundled answer is 15 tokens with its EOS
+    batch_size: int = 64  # prompts per generate call (each with num_samples sequences), and scored per batch
+    # The verifier, by default the bundled tasks' exact checker (exact match with the chat's reference
+    # reply for other prompts). reward: "module:function" called as function(prompt, completion) ->
+    # float, prompt the last user turn's text; reward_model: path or hub id of a sequence-
+    # classification model, its first logit the score. At most one of the two.
+    reward: Optional[str] = None
+    reward_model: Optional[str] = None
 
 
 @dataclass
@@ -310,6 +333,7 @@ class Config:
     sft: SFTStage = field(default_factory=SFTStage)
     dpo: DPOStage = field(default_factory=DPOStage)
     orpo: ORPOStage = field(default_factory=ORPOStage)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

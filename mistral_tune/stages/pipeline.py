@@ -1,5 +1,5 @@
 """The `pipeline` command: data -> each stage of `stages=[...]` -> merge -> eval (-> push when
-push.repo_id is set).
+push.repo_id is set). With pairs=onpolicy, the pairs stage samples DPO's pairs just before DPO.
 
 Each stage reads the previous stage's manifest from run_dir; finished stages with the same config
 are skipped, so re-running the command resumes where it stopped. With `launcher=<name>`, each
@@ -14,17 +14,35 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mistral_tune import runs
+from mistral_tune.errors import UserError
 from mistral_tune.launch import train
-from mistral_tune.stages import data, evaluate, merge, push
+from mistral_tune.stages import data, evaluate, merge, pairs, push
 
 log = logging.getLogger("mistral_tune")
+
+
+def sampled_stage(cfg: DictConfig) -> str | None:
+    """The stage whose data the `pairs` stage samples (pairs=onpolicy: DPO), else None."""
+    if cfg.pairs.name not in ("given", "onpolicy"):
+        raise UserError(f"pairs.name={cfg.pairs.name!r} is not one of given, onpolicy")
+    return "dpo" if cfg.pairs.name == "onpolicy" and "dpo" in cfg.stages else None
+
+
+def prepare(cfg: DictConfig, stage: str) -> None:
+    """The data `stage` trains on, built unless already there; with pairs=onpolicy, DPO's pairs
+    are first sampled from the policy it starts from (so after the stage before it)."""
+    if stage == sampled_stage(cfg):
+        pairs.run(cfg)
+    data.ensure(cfg, stage)
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     overrides = list(overrides or [])
     for stage in cfg.stages:  # every dataset first: a bad row fails in seconds, not after SFT
-        data.ensure(cfg, stage)
+        if stage != sampled_stage(cfg):
+            data.ensure(cfg, stage)
     for stage in cfg.stages:
+        prepare(cfg, stage)
         train(cfg, stage, overrides)
     out = merge.run(cfg)
     if cfg.eval.enabled and not evaluate.has_eval_data(cfg):

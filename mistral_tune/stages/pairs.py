@@ -1,0 +1,333 @@
+"""The `pairs` stage (`pairs=onpolicy`): preference pairs from the policy's own samples.
+
+Hand-written rejected replies are guesses at the errors a model makes; on-policy pairs are the
+errors it does make (online/iterative DPO, RL from verifiable rewards). After the stage before DPO
+(SFT by default), this stage:
+
+1. takes prompts from the SFT training chats (or `pairs.prompts_files`): each chat up to its last
+   user turn, the earlier replies the reference ones; prompts of the held-out eval files are left
+   out (counted), repeated prompts once;
+2. samples `pairs.num_samples` completions per prompt from that policy (batched `generate`,
+   temperature/top_p, seeded by `seed`; under a launcher each rank samples a shard and rank 0
+   gathers them);
+3. scores each with a verifier: the bundled tasks' exact checker (as `eval` scores them; exact
+   match with the chat's reference reply for other prompts), a user function
+   (`pairs.reward=module:function`, called as function(prompt, completion) -> float, prompt the
+   last user turn's text), or a reward model (`pairs.reward_model=<path or hub id>`, a
+   sequence-classification model, its first logit);
+4. pairs the best and the worst scored sample of each prompt (prompts whose samples all tie are
+   skipped and counted) and writes run_dir/pairs/pairs.jsonl in the row layout of data/dpo.jsonl,
+   report.json (counts, score histogram, chosen/rejected mean score) and manifest.json last.
+
+configs/pairs/onpolicy.yaml points dpo.data.files at that file, so DPO's data build reads it like
+any preference file. A finished stage with the same config and start model is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from mistral_tune import runs
+from mistral_tune.datasets import sources
+from mistral_tune.errors import UserError
+from mistral_tune.formats.chat_format import ChatFormat
+from mistral_tune.formats.tokenizer import load_tokenizer
+from mistral_tune.runs import RunDir
+from mistral_tune.stages.evaluate import eval_files
+from mistral_tune.training.modeling import load_policy, start_model
+
+log = logging.getLogger("mistral_tune")
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+def pairs_file(cfg: DictConfig) -> Path:
+    return RunDir.of(cfg).stage("pairs") / PAIRS_FILE
+
+
+def _prompt_files(cfg: DictConfig) -> list[str]:
+    if cfg.pairs.prompts_files:
+        return list(cfg.pairs.prompts_files)
+    files = [str(f) for f in cfg.sft.data.files] or [s.path for s in cfg.sft.data.sources]
+    if not files:
+        raise UserError("pairs=onpolicy needs prompts: sft.data is empty",
+                        hint="set pairs.prompts_files=[chats.jsonl]")
+    return files
+
+
+def _held_out_users(cfg: DictConfig) -> set[str]:
+    """The user turns of the eval files: prompts that must never be trained on."""
+    users = set()
+    chats, pairs = eval_files(cfg, "sft")[0], eval_files(cfg, "dpo")[0]
+    if chats:
+        for row in sources.load_rows(list(chats), "sft", on_error="skip").rows:
+            users |= {m["content"].strip() for m in row["messages"] if m["role"] == "user"}
+    if pairs:
+        for row in sources.load_rows(list(pairs), "dpo", on_error="skip").rows:
+            users |= {m["content"].strip() for m in row["prompt"] if m["role"] == "user"}
+    return users
+
+
+def load_prompts(cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Prompts ({"messages", "user", "reference"}) and counts of those left out."""
+    rows = sources.load_rows(_prompt_files(cfg), "sft", on_error=cfg.data.on_error).rows
+    held_out = _held_out_users(cfg)
+    prompts, seen, counts = [], set(), {"rows": len(rows), "held_out": 0, "repeated": 0}
+    for row in rows:
+        messages = row["messages"]
+        if messages[-1]["role"] == "assistant":
+            messages, reference = messages[:-1], messages[-1]["content"]
+        else:
+            reference = None
+        user = messages[-1]["content"]
+        if user.strip() in held_out:
+            counts["held_out"] += 1
+            continue
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            counts["repeated"] += 1
+            continue
+        seen.add(key)
+        prompts.append({"messages": messages, "user": user, "reference": reference})
+    if cfg.pairs.max_prompts is not None:
+        prompts = prompts[:cfg.pairs.max_prompts]
+    if not prompts:
+        raise UserError(f"pairs: no prompts left from {_prompt_files(cfg)} ({counts})")
+    return prompts, counts
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], cfg: DictConfig, pad_id: int, eos_id: int, seed: int) -> list[list[list[int]]]:
+    """`num_samples` sampled completions (token ids, cut before EOS) per prompt. Prompts are
+    batched by length and left-padded; the global torch RNG is seeded once, so the same prompts,
+    model and seed give the same samples."""
+    from transformers import GenerationConfig
+
+    p = cfg.pairs
+    gen = GenerationConfig(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=0,
+                           max_new_tokens=p.max_new_tokens, num_return_sequences=p.num_samples,
+                           pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for start in range(0, len(order), p.batch_size):
+        idx = order[start:start + p.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attn[row, width - len(prompts[i]):] = 1
+        new = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                             generation_config=gen)[:, width:].tolist()
+        for row, i in enumerate(idx):  # generate returns each prompt's samples consecutively
+            for tokens in new[row * p.num_samples:(row + 1) * p.num_samples]:
+                out[i].append(tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens)
+    return out
+
+
+def verifier(cfg: DictConfig):
+    """score(prompts, completions) -> floats, one per (prompt, completion), and its name."""
+    p = cfg.pairs
+    if p.reward and p.reward_model:
+        raise UserError("pairs.reward and pairs.reward_model are both set; give one")
+    if p.reward:
+        return _user_function(p.reward), f"function {p.reward}"
+    if p.reward_model:
+        return _reward_model(cfg, p.reward_model), f"reward model {p.reward_model}"
+    from mistral_tune.stages.evaluate import score as task_score
+
+    def check(prompts, completions):
+        values = []
+        for q, c in zip(prompts, completions):
+            if q["reference"] is None and not _is_task(q["user"]):
+                raise UserError(f"pairs: prompt {q['user'][:60]!r} is not a bundled task and has no reference reply",
+                                hint="score it with pairs.reward=module:function or pairs.reward_model=...")
+            values.append(float(task_score(q["user"], q["reference"] or "", c)[1]))
+        return values
+
+    return check, "bundled task checker"
+
+
+def _is_task(user: str) -> bool:
+    from mistral_tune.datasets import tasks
+
+    try:
+        tasks.task_of(user)
+        return True
+    except ValueError:
+        return False
+
+
+def _user_function(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"pairs.reward={spec!r}: cannot import it ({err})",
+                        hint="give module:function, the module importable from the current folder") from None
+
+    def score(prompts, completions):
+        values = []
+        for q, c in zip(prompts, completions):
+            value = fn(q["user"], c)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"pairs.reward={spec!r} returned {value!r} for {q['user'][:40]!r}; it must return a float")
+            values.append(float(value))
+        return values
+
+    return score
+
+
+def _reward_model(cfg: DictConfig, path: str):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+    except OSError as err:
+        raise UserError(f"pairs.reward_model={path!r}: cannot load it: {str(err).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @torch.no_grad()
+    def score(prompts, completions):
+        texts = []
+        for q, c in zip(prompts, completions):
+            chat = [*q["messages"], {"role": "assistant", "content": c}]
+            texts.append(tok.apply_chat_template(chat, tokenize=False) if tok.chat_template
+                         else "\n".join(m["content"] for m in chat))
+        values = []
+        for start in range(0, len(texts), cfg.pairs.batch_size):
+            # The chat template already holds BOS: the tokenizer must not add a second one.
+            enc = tok(texts[start:start + cfg.pairs.batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=not tok.chat_template)
+            values += model(**enc).logits[:, 0].float().tolist()
+        return values
+
+    return score
+
+
+def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], dict]:
+    """Best vs worst sample per prompt; prompts whose samples all score the same are skipped."""
+    rows, ties, chosen, rejected = [], Counter(), [], []
+    for q, texts, values in zip(prompts, completions, scores):
+        best = max(range(len(values)), key=lambda i: (values[i], -i))  # first of the best
+        worst = min(range(len(values)), key=lambda i: (values[i], i))  # first of the worst
+        if values[best] == values[worst]:
+            ties[values[best]] += 1
+            continue
+        rows.append({
+            "prompt": q["user"],
+            "chosen": [*q["messages"], {"role": "assistant", "content": texts[best]}],
+            "rejected": [*q["messages"], {"role": "assistant", "content": texts[worst]}],
+            "score_chosen": values[best],
+            "score_rejected": values[worst],
+        })
+        chosen.append(values[best])
+        rejected.append(values[worst])
+    flat = [v for values in scores for v in values]
+    report = {
+        "prompts": len(prompts), "samples": len(flat), "pairs": len(rows), "ties": sum(ties.values()),
+        "ties_by_score": {f"{v:g}": n for v, n in sorted(ties.items())},  # a checker's 0: all k wrong
+        "score_histogram": histogram(flat), "mean_score": _mean(flat),
+        "chosen_mean_score": _mean(chosen), "rejected_mean_score": _mean(rejected),
+    }
+    return rows, report
+
+
+def histogram(values: list[float], bins: int = 10) -> dict[str, int]:
+    """Counts per value when there are few distinct values (a checker's 0/1), else per bin."""
+    distinct = sorted(set(values))
+    if len(distinct) <= bins:
+        counts = Counter(values)
+        return {f"{v:g}": counts[v] for v in distinct}
+    lo, hi = distinct[0], distinct[-1]
+    width = (hi - lo) / bins
+    counts = Counter(min(int((v - lo) / width), bins - 1) for v in values)
+    return {f"[{lo + i * width:.3g}, {lo + (i + 1) * width:.3g})": counts[i] for i in range(bins)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def _shard_and_gather(items: list, work) -> list | None:
+    """work(items[rank::world]) on every rank, results back in item order on rank 0 (None elsewhere)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    world, rank = state.num_processes, state.process_index
+    mine = work(items[rank::world], rank)
+    if world == 1:
+        return mine
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None
+    out = [None] * len(items)
+    for r, part in enumerate(gathered):
+        out[r::world] = part
+    return out
+
+
+def _inputs(cfg: DictConfig, start: dict, previous: dict | None) -> dict:
+    files = [*_prompt_files(cfg), *eval_files(cfg, "sft")[0], *eval_files(cfg, "dpo")[0]]
+    digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sources.expand_files(files)}
+    return {"start": previous["fingerprint"] if previous else start, "files": digests}
+
+
+def run(cfg: DictConfig) -> Path:
+    run_dir = RunDir.of(cfg)
+    out = run_dir.stage("pairs")
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    fmt = ChatFormat.load(run_dir, "pairs")
+    start, previous = start_model(cfg, "dpo", tokenizer)  # the policy DPO will start from
+    inputs = _inputs(cfg, start, previous)
+    if runs.check_done(cfg, "pairs", inputs):
+        return out
+    runs.write_stage_config(cfg, "pairs")
+    t0 = time.perf_counter()
+    prompts, counts = load_prompts(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_policy(cfg, start).to(device)
+
+    def work(shard, rank):
+        ids = sample(model, [fmt.encode_prompt(q["messages"]) for q in shard], cfg,
+                     tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed + rank)
+        return [[tokenizer.decode(t, skip_special_tokens=True).strip() for t in per] for per in ids]
+
+    completions = _shard_and_gather(prompts, work)
+    del model
+    if runs.is_main_process():
+        score, name = verifier(cfg)
+        flat_q = [q for q, per in zip(prompts, completions) for _ in per]
+        flat = score(flat_q, [c for per in completions for c in per])
+        k = cfg.pairs.num_samples
+        scores = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+        rows, report = build_pairs(prompts, completions, scores)
+        if not rows:
+            raise UserError(f"pairs: every prompt's {k} samples scored the same ({report['ties']} ties): no pairs",
+                            hint="sample more (pairs.num_samples), hotter (pairs.temperature), or use a finer reward")
+        report = {"verifier": name, "num_samples": k, "prompts_read": counts, **report,
+                  "runtime": round(time.perf_counter() - t0, 2)}
+        runs.atomic_write_text(out / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        runs.write_json(out / "report.json", report)
+        log.info("pairs: %d prompts x %d samples (%s): %d pairs, %d ties; mean score %.3f, chosen %.3f, "
+                 "rejected %.3f (%.1fs; %s)", report["prompts"], k, name, report["pairs"], report["ties"],
+                 report["mean_score"], report["chosen_mean_score"], report["rejected_mean_score"],
+                 report["runtime"], out / PAIRS_FILE)
+        runs.finish_stage(cfg, "pairs", {"pairs": str(out / PAIRS_FILE), "policy": start, "report": report}, inputs)
+    runs.wait_for_everyone()
+    return out

@@ -1,0 +1,205 @@
+"""The `pairs` stage (pairs=onpolicy): sampling, verifiers, pairing, determinism, and the pairs file
+as input of the data stage. A tiny random Mistral base and the real v1 tokenizer; seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistral_tune.config import compose
+from mistral_tune.errors import UserError
+from mistral_tune.runs import RunDir
+from mistral_tune.stages import data, pairs
+
+TINY = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=2",
+        "model.config.head_dim=8"]
+
+
+def length_reward(prompt: str, completion: str) -> float:
+    """A user reward for the tests (pairs.reward=tests.test_pairs:length_reward)."""
+    return float(len(completion))
+
+
+def bad_reward(prompt: str, completion: str):
+    return "good"
+
+
+def _cfg(run_dir: Path, *extra: str):
+    return compose([f"run_dir={run_dir}", "pairs=onpolicy", "stages=[dpo]", "logger=none", *TINY,
+                    "pairs.max_prompts=6", "pairs.num_samples=3", "pairs.max_new_tokens=6", *extra])
+
+
+def _prepare(cfg) -> None:
+    """What the pipeline has made before the pairs stage: the chat format and tokenizer."""
+    data.fix_chat_format(cfg, RunDir.of(cfg))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_task_checker_scores_right_and_wrong_answers(tmp_path):
+    score, name = pairs.verifier(_cfg(tmp_path))
+    prompts = [{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "user": "What is 2 + 3?",
+                "reference": "2 + 3 = 5"}] * 3
+    assert name == "bundled task checker"
+    assert score(prompts, ["2 + 3 = 5", "2 + 3 = 6", " 2 + 3 = 5 "]) == [1.0, 0.0, 1.0]
+    other = {"messages": [{"role": "user", "content": "Name a colour."}], "user": "Name a colour.", "reference": "Red."}
+    assert score([other, other], ["Red.", "Blue."]) == [1.0, 0.0]  # exact match with the reference
+    with pytest.raises(UserError, match="not a bundled task"):
+        score([{**other, "reference": None}], ["Red."])
+
+
+def test_best_and_worst_make_a_pair_and_ties_are_counted():
+    q = [{"messages": [{"role": "user", "content": f"q{i}"}], "user": f"q{i}", "reference": None} for i in range(3)]
+    completions = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    scores = [[0.0, 1.0, 0.5], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    rows, report = pairs.build_pairs(q, completions, scores)
+    assert len(rows) == 1 and report["ties"] == 2 and report["pairs"] == 1
+    assert report["ties_by_score"] == {"0": 1, "1": 1}
+    assert rows[0]["chosen"][-1] == {"role": "assistant", "content": "b"}
+    assert rows[0]["rejected"][-1] == {"role": "assistant", "content": "a"}
+    assert rows[0]["chosen"][:-1] == q[0]["messages"] and rows[0]["prompt"] == "q0"
+    assert report["score_histogram"] == {"0": 4, "0.5": 1, "1": 4}
+    assert report["samples"] == 9 and report["chosen_mean_score"] == 1.0 and report["rejected_mean_score"] == 0.0
+    assert report["mean_score"] == pytest.approx(4.5 / 9, abs=1e-4)
+
+
+def test_histogram_bins_continuous_scores():
+    hist = pairs.histogram([i / 100 for i in range(100)], bins=10)
+    assert len(hist) == 10 and sum(hist.values()) == 100 and set(hist.values()) == {10}
+
+
+def test_prompts_leave_out_the_eval_set_and_repeats(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": "x"}]}
+            for u in ("What is 1 + 1?", "What is 1 + 1?", "Held out?", "What is 2 + 2?")]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = tmp_path / "eval.jsonl"
+    held.write_text(json.dumps({"messages": [{"role": "user", "content": "Held out?"},
+                                             {"role": "assistant", "content": "y"}]}) + "\n")
+    cfg = _cfg(tmp_path, f"pairs.prompts_files=[{chats}]", f"eval.files=[{held}]", "eval.pref_files=[]",
+               "pairs.max_prompts=null")
+    prompts, counts = pairs.load_prompts(cfg)
+    assert [p["user"] for p in prompts] == ["What is 1 + 1?", "What is 2 + 2?"]
+    assert counts == {"rows": 4, "held_out": 1, "repeated": 1}
+    assert prompts[0]["messages"] == [{"role": "user", "content": "What is 1 + 1?"}] and prompts[0]["reference"] == "x"
+
+
+def test_bundled_prompts_exclude_every_eval_prompt(tmp_path):
+    prompts, counts = pairs.load_prompts(_cfg(tmp_path, "pairs.max_prompts=null"))
+    held = pairs._held_out_users(_cfg(tmp_path))
+    assert held and not {p["user"].strip() for p in prompts} & held
+    assert counts["rows"] == counts["held_out"] + counts["repeated"] + len(prompts)
+
+
+def test_sampling_is_seeded_and_batched_like_one_prompt_at_a_time(tmp_path):
+    from tests.helpers import tiny_mistral
+
+    model = tiny_mistral(vocab_size=64, sliding_window=None)
+    cfg = _cfg(tmp_path, "pairs.num_samples=4", "pairs.max_new_tokens=5", "pairs.batch_size=8")
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14]]
+    a = pairs.sample(model, prompts, cfg, pad_id=0, eos_id=2, seed=0)
+    b = pairs.sample(model, prompts, cfg, pad_id=0, eos_id=2, seed=0)
+    c = pairs.sample(model, prompts, cfg, pad_id=0, eos_id=2, seed=1)
+    assert a == b and a != c
+    assert [len(per) for per in a] == [4, 4, 4] and all(len(s) <= 5 and 2 not in s for per in a for s in per)
+    # Greedy (temperature -> 0) samples must equal the plain unbatched greedy continuation: the
+    # left padding and the per-prompt grouping of num_return_sequences are right.
+    greedy = pairs.sample(model, prompts, _cfg(tmp_path, "pairs.num_samples=2", "pairs.max_new_tokens=5",
+                                               "pairs.temperature=1e-6"), pad_id=0, eos_id=2, seed=0)
+    for p, per in zip(prompts, greedy):
+        out = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=2)
+        plain = out[0, len(p):].tolist()
+        plain = plain[:plain.index(2)] if 2 in plain else plain
+        assert per == [plain, plain]
+
+
+def test_stage_writes_pairs_the_data_stage_reads_and_is_deterministic(tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        cfg = _cfg(tmp_path / name, "pairs.reward=tests.test_pairs:length_reward", "pairs.temperature=2.0")
+        _prepare(cfg)
+        out = pairs.run(cfg)
+        outs.append((cfg, out))
+    (cfg, out), (_, out_b) = outs
+    assert (out / "pairs.jsonl").read_bytes() == (out_b / "pairs.jsonl").read_bytes()  # same command, same pairs
+    rows, report = _rows(out / "pairs.jsonl"), json.loads((out / "report.json").read_text())
+    assert report["prompts"] == 6 and report["samples"] == 18 and report["pairs"] + report["ties"] == 6
+    assert report["pairs"] == len(rows) > 0 and report["verifier"] == "function tests.test_pairs:length_reward"
+    for row in rows:
+        assert row["score_chosen"] == len(row["chosen"][-1]["content"]) > row["score_rejected"] == len(row["rejected"][-1]["content"])
+    assert json.loads((out / "manifest.json").read_text())["report"]["pairs"] == len(rows)
+    # The dpo data build takes the file like any preference file (configs/pairs/onpolicy.yaml).
+    manifest = data.ensure(cfg, "dpo")
+    assert manifest["report"]["kept"] == len(rows) and manifest["report"]["rejected"] == 0
+    # A rerun reuses the finished stage, a changed sampling setting is not silently reused.
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    pairs.run(cfg)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="different config"):
+        pairs.run(_cfg(tmp_path / "a", "pairs.reward=tests.test_pairs:length_reward", "pairs.temperature=1.5"))
+
+
+def test_reward_model_scores_with_its_first_logit(tmp_path):
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    from mistral_tune.formats.tokenizer import load_tokenizer
+
+    cfg = _cfg(tmp_path / "run")
+    _prepare(cfg)
+    tok = load_tokenizer(RunDir.of(cfg).tokenizer)
+    torch.manual_seed(0)
+    rm = MistralForSequenceClassification(MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    score, name = pairs.verifier(_cfg(tmp_path / "run", f"pairs.reward_model={tmp_path / 'rm'}", "pairs.batch_size=2"))
+    q = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "user": "What is 2 + 3?", "reference": None}
+    completions = ["2 + 3 = 5", "2 + 3 = 6", "no idea at all"]
+    got = score([q] * 3, completions)
+    for c, value in zip(completions, got):  # batched and padded == one at a time, no second BOS
+        ids = tok.apply_chat_template([*q["messages"], {"role": "assistant", "content": c}], tokenize=False)
+        enc = tok(ids, return_tensors="pt", add_special_tokens=False)
+        assert enc["input_ids"][0].tolist().count(tok.bos_token_id) == 1
+        with torch.no_grad():
+            assert value == pytest.approx(rm(**enc).logits[0, 0].item(), abs=1e-5)
+    assert len(set(got)) == 3 and name.startswith("reward model")
+
+
+def test_bad_rewards_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="both set"):
+        pairs.verifier(_cfg(tmp_path, "pairs.reward=a:b", "pairs.reward_model=x"))
+    with pytest.raises(UserError, match="cannot import"):
+        pairs.verifier(_cfg(tmp_path, "pairs.reward=no_such_module:f"))
+    score, _ = pairs.verifier(_cfg(tmp_path, "pairs.reward=tests.test_pairs:bad_reward"))
+    with pytest.raises(UserError, match="must return a float"):
+        score([{"messages": [], "user": "q", "reference": None}], ["a"])
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_prompts_and_gather_on_rank_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_launch import _free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()),
+                           str(repo / "tests" / "pairs_driver.py"), str(tmp_path)],
+                          capture_output=True, text=True, cwd=repo, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "gather.json").read_text()) == [[i, i % 2] for i in range(7)]
+    report = json.loads((tmp_path / "pairs" / "report.json").read_text())
+    assert report["prompts"] == 6 and report["samples"] == 18  # every prompt sampled once, on one rank
+    prompts, _ = pairs.load_prompts(_cfg(tmp_path))
+    order = [p["user"] for p in prompts]
+    rows = _rows(tmp_path / "pairs" / "pairs.jsonl")
+    assert [order.index(r["prompt"]) for r in rows] == sorted(order.index(r["prompt"]) for r in rows)
