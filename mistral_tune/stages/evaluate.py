@@ -164,13 +164,21 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: i
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """Greedy completions, cut before EOS. Prompts are batched by length and left-padded."""
+    """Greedy completions, cut before EOS."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                            eos_token_id=eos_id, bos_token_id=None)
+    return [samples[0] for samples in generate_samples(model, prompts, gen, batch_size)]
+
+
+@torch.no_grad()
+def generate_samples(model, prompts: list[list[int]], gen, batch_size: int) -> list[list[list[int]]]:
+    """gen.num_return_sequences completions per prompt (GenerationConfig `gen`), each cut before
+    EOS. Prompts are batched by length and left-padded, so batching changes no prompt's input."""
+    pad_id, eos_id, k = gen.pad_token_id, gen.eos_token_id, gen.num_return_sequences or 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
+    out: list[list[list[int]]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -181,9 +189,9 @@ def generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_
             attn[row, width - len(prompts[i]):] = 1
         new = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
                              generation_config=gen)[:, width:].tolist()
-        for row, i in enumerate(idx):
-            tokens = new[row]
-            out[i] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+        for row, i in enumerate(idx):  # generate returns each prompt's samples consecutively
+            for tokens in new[row * k:(row + 1) * k]:
+                out[i].append(tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens)
     return out
 
 

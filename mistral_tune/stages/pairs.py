@@ -43,7 +43,7 @@ from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.stages.evaluate import eval_files
+from mistral_tune.stages.evaluate import eval_files, generate_samples
 from mistral_tune.training.modeling import load_policy, start_model
 
 log = logging.getLogger("mistral_tune")
@@ -119,22 +119,7 @@ def sample(model, prompts: list[list[int]], cfg: DictConfig, pad_id: int, eos_id
                            pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
     torch.manual_seed(seed)
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    out: list[list[list[int]]] = [[] for _ in prompts]
-    for start in range(0, len(order), p.batch_size):
-        idx = order[start:start + p.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attn[row, width - len(prompts[i]):] = 1
-        new = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
-                             generation_config=gen)[:, width:].tolist()
-        for row, i in enumerate(idx):  # generate returns each prompt's samples consecutively
-            for tokens in new[row * p.num_samples:(row + 1) * p.num_samples]:
-                out[i].append(tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens)
-    return out
+    return generate_samples(model, prompts, gen, p.batch_size)
 
 
 def verifier(cfg: DictConfig):
