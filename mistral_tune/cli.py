@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg, choices = None, None
             print(cli_args.command_help(command, cfg, choices))
             return 0
-        cfg, choices = compose_with_choices(overrides)
+        cfg, choices = compose_with_choices(overrides, announce=not (args.info or args.cfg) and command != "chat")
         if args.info:
             print(cli_args.info(command, args, choices))
             return 0

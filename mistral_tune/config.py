@@ -39,10 +39,13 @@ def compose(overrides: list[str], config_name: str | None = None) -> DictConfig:
     return compose_with_choices(overrides, config_name)[0]
 
 
-def compose_with_choices(overrides: list[str], config_name: str | None = None) -> tuple[DictConfig, dict]:
+def compose_with_choices(overrides: list[str], config_name: str | None = None,
+                         announce: bool = False) -> tuple[DictConfig, dict]:
     """The resolved config and the option chosen in each config group. The primary config is
     `config` unless --config-name chose another (passed down to launched ranks in the environment);
-    `hydra.searchpath=[file://DIR]` among the overrides adds a user config dir (--config-dir)."""
+    `hydra.searchpath=[file://DIR]` among the overrides adds a user config dir (--config-dir).
+    `announce`: log the model-dependent defaults with where each came from (the CLI, once, for a
+    command that does work)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -76,7 +79,9 @@ def compose_with_choices(overrides: list[str], config_name: str | None = None) -
     check_stages(list(cfg.stages))
     if OmegaConf.is_missing(cfg.model, "name_or_path"):
         raise UserError("model=pretrained needs model.name_or_path=<a local checkpoint folder or a cached hub id>")
-    log_choices(resolve_model_defaults(cfg, overrides))
+    resolved = resolve_model_defaults(cfg, overrides)
+    if announce:
+        log_choices(resolved)
     return cfg, choices
 
 
