@@ -135,6 +135,15 @@ class DataConfig:
     dedup: str = "none"
     near_dup_threshold: float = 0.8  # Jaccard similarity of word 5-gram sets
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    # Rows over <stage>.data.max_length tokens: drop (counted as too_long), or truncate: keep the
+    # conversation up to the last complete assistant turn that fits, with its EOS (a row whose
+    # first assistant turn does not fit is still dropped). Preference pairs are never truncated.
+    overlong: str = "drop"
+    # Stop (exit 2) when more than this fraction of a dataset's rows is dropped as too long,
+    # rather than silently train on what is left.
+    max_drop_fraction: float = 0.1
+    # Processes that tokenize (the output is identical for any value); null: the cores available.
+    num_proc: Optional[int] = None
 
 
 @dataclass
@@ -150,6 +159,9 @@ class SourceConfig:
     # Mixture weight: 0.5 keeps a seeded random half of this source's rows, 2.0 repeats each
     # twice, 1.5 repeats each once plus a seeded random half.
     weight: float = 1.0
+    # hub only: read rows as they download (datasets' IterableDataset) instead of first preparing
+    # the whole split in the datasets cache; the build cache still keys on the data's content hash.
+    streaming: bool = False
 
 
 @dataclass
@@ -160,9 +172,9 @@ class StageData:
     # Give either files or sources (data=none clears the bundled files).
     sources: list[SourceConfig] = field(default_factory=list)
     format: str = "auto"  # auto-detect per row, or force one (messages, sharegpt, alpaca, ...)
-    # Rows longer than this many tokens are dropped and counted in report.json; never truncated
-    # silently (a truncated row can lose its EOS). null: 256 for the bundled files, else the
-    # model's context capped at model.max_length_cap (mistral_tune.config.resolve_model_defaults).
+    # Rows longer than this many tokens are dropped (or cut after a whole turn, data.overlong) and
+    # counted in report.json; never cut mid-turn (a cut row loses its EOS). null: 256 for the bundled
+    # files, else the model's context capped at model.max_length_cap (mistral_tune.config.resolve_model_defaults).
     max_length: Optional[int] = None
     limit: Optional[int] = None  # keep only the first N rows (smoke tests)
 

@@ -42,7 +42,7 @@ def test_skip_mode_accounts_for_every_row(tmp_path):
     f = _write_jsonl(tmp_path / "mine.jsonl", [GOOD, "{not json", BAD_ROLE, long, GOOD])
     run = tmp_path / "run"
     proc = cli("data", f"run_dir={run}", f"sft.data.files=[{f}]", "dpo.data.files=[]", "data.on_error=skip",
-               "sft.data.max_length=64")
+               "sft.data.max_length=64", "data.max_drop_fraction=0.5")  # 1 of 5 too long: past the 0.1 default
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run / "data" / "sft" / "report.json").read_text())
     assert (report["read"], report["kept"], report["rejected"], report["too_long"]) == (5, 2, 2, 1)
@@ -71,7 +71,7 @@ def test_zero_trained_tokens_is_an_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(
         templates, "encode_chat",
-        lambda messages, template, train_on="assistant": templates.Encoded([1, 2, 3], [0, 0, 0]),
+        lambda messages, template, train_on="assistant", **kwargs: templates.Encoded([1, 2, 3], [0, 0, 0]),
     )
     f = _write_jsonl(tmp_path / "mine.jsonl", [GOOD])
     cfg = compose([f"run_dir={tmp_path / 'run'}", f"sft.data.files=[{f}]", "dpo.data.files=[]"])

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import tempfile
 import unicodedata
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +64,13 @@ def _message_text(m: dict) -> str:
 
 
 class Deduplicator:
-    """`check(text)` returns why `text` duplicates an earlier one, or None and remembers it."""
+    """`check(text)` returns why `text` duplicates an earlier one, or None and remembers it.
+
+    Memory per kept row stays small and flat, whatever the row's length: a 16-byte digest, where
+    it was seen, and in near mode one dict entry per LSH band (keyed by the band's hash: a hash
+    collision only adds a candidate, which the exact Jaccard then rejects). The rows' words go to a
+    temporary file and are read back only for a candidate, so the similarity is exact, as before.
+    """
 
     def __init__(self, mode: str, threshold: float):
         if mode not in DEDUP_MODES:
@@ -69,35 +78,53 @@ class Deduplicator:
         if not 0.0 < threshold <= 1.0:
             raise UserError(f"data.near_dup_threshold={threshold} must be in (0, 1]")
         self.mode, self.threshold = mode, threshold
-        self.exact: dict[str, str] = {}  # digest -> where it was first seen
-        self.buckets: dict[tuple, list[int]] = {}
-        self.kept: list[tuple[frozenset, str]] = []  # shingle set, where
+        self.exact: dict[bytes, int] = {}  # digest -> index in self.where
+        self.where: list[str] = []  # where each remembered row was first seen
+        self.buckets: dict[int, int | list[int]] = {}  # band hash -> index (or indices) in self.where
+        self.offsets = array("Q", [0])  # near mode: the words of row i are texts[offsets[i]:offsets[i + 1]]
+        self.texts = tempfile.TemporaryFile() if mode == "near" else None
 
     def check(self, text: str, where: str) -> str | None:
         if self.mode == "none":
             return None
         tokens = words(text)
-        digest = hashlib.sha256(" ".join(tokens).encode()).hexdigest()
+        joined = " ".join(tokens).encode()
+        digest = hashlib.blake2b(joined, digest_size=16).digest()
         if digest in self.exact:
-            return f"duplicate of {self.exact[digest]}"
+            return f"duplicate of {self.where[self.exact[digest]]}"
+        index = len(self.where)
         if self.mode == "near":
             shingles = _shingles(tokens)
             keys = _band_keys(shingles)
             seen: set[int] = set()
             for key in keys:
-                for i in self.buckets.get(key, ()):
+                found = self.buckets.get(key, ())
+                for i in (found,) if isinstance(found, int) else found:
                     if i in seen:
                         continue
                     seen.add(i)
-                    other, other_where = self.kept[i]
+                    other = _shingles(self._words(i))
                     similarity = len(shingles & other) / len(shingles | other)
                     if similarity >= self.threshold:
-                        return f"near duplicate (Jaccard {similarity:.2f}) of {other_where}"
+                        return f"near duplicate (Jaccard {similarity:.2f}) of {self.where[i]}"
             for key in keys:
-                self.buckets.setdefault(key, []).append(len(self.kept))
-            self.kept.append((shingles, where))
-        self.exact[digest] = where
+                found = self.buckets.get(key)
+                if found is None:
+                    self.buckets[key] = index
+                elif isinstance(found, int):
+                    self.buckets[key] = [found, index]
+                else:
+                    found.append(index)
+            self.texts.write(joined)
+            self.offsets.append(self.offsets[-1] + len(joined))
+        self.exact[digest] = index
+        self.where.append(where)
         return None
+
+    def _words(self, i: int) -> list[str]:
+        self.texts.flush()
+        start, stop = self.offsets[i], self.offsets[i + 1]
+        return os.pread(self.texts.fileno(), stop - start, start).decode().split(" ")
 
 
 def _shingles(tokens: list[str]) -> frozenset:
@@ -106,14 +133,16 @@ def _shingles(tokens: list[str]) -> frozenset:
     return frozenset(" ".join(tokens[i:i + SHINGLE]) for i in range(len(tokens) - SHINGLE + 1))
 
 
-def _band_keys(shingles: frozenset) -> list[tuple]:
+def _band_keys(shingles: frozenset) -> list[int]:
+    """One 64-bit key per band of the MinHash signature (hash() of an int tuple is the same in every
+    process and run: only str and bytes hashes are salted)."""
     hashes = np.array(
         sorted(int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % _PRIME for s in shingles),
         dtype=np.uint64,
     )
     signature = ((_A[:, None] * hashes[None, :] + _B[:, None]) % _PRIME).min(axis=1)
     rows = NUM_PERM // BANDS
-    return [(b, *signature[b * rows:(b + 1) * rows].tolist()) for b in range(BANDS)]
+    return [hash((b, *signature[b * rows:(b + 1) * rows].tolist())) for b in range(BANDS)]
 
 
 class Decontaminator:

@@ -97,6 +97,7 @@ class Source:
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     weight: float = 1.0
+    streaming: bool = False  # hub only: read rows as they download (datasets' IterableDataset)
 
     @property
     def is_hub(self) -> bool:
@@ -148,18 +149,39 @@ def load_rows(
 
 def load_source(src: Source, kind: str, on_error: str = "raise", fmt: str = "auto") -> LoadResult:
     """Every row of one source; the source's own format, if set, overrides `fmt`."""
+    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
+    for item in iter_source(src, kind, on_error, fmt, result.per_file):
+        if isinstance(item, Reject):
+            result.rejects.append(item)
+        else:
+            result.rows.append(item[0])
+            result.origins.append(item[1])
+    result.read = len(result.rows) + len(result.rejects)
+    return result
+
+
+def iter_source(src: Source, kind: str, on_error: str, fmt: str, per_file: dict) -> Iterator:
+    """The rows of one source as they are read: (normalised row, (file, row, "line"|"row")) or a
+    Reject; `per_file` counts each file's rows as they go. Nothing is held: a 200k-row source
+    streams through in constant memory."""
     fmt = fmt if src.format == "auto" else src.format
     if not src.is_hub:
         hub_only = [k for k in ("split", "name", "revision") if getattr(src, k) is not None]
+        if src.streaming:
+            hub_only.append("streaming")
         if hub_only:
             raise UserError(f"source {src.path!r} is a local path: {', '.join(hub_only)} apply to Hub datasets only")
-        return load_rows([src.path], kind, on_error, fmt, src.columns)
+        _check_arguments(kind, on_error, fmt)
+        for path in expand_files([src.path]):
+            tabular = path.suffix.lower() in (".parquet", ".csv")  # every row has every column
+            where = "line" if path.suffix.lower() == ".jsonl" else "row"
+            yield from _iter_rows(per_file, str(path), where, _read_file(path, src.columns), kind, on_error, fmt,
+                                  src.columns, tabular)
+        return
     _check_arguments(kind, on_error, fmt)
     dataset = load_hub_dataset(src)
-    result = LoadResult(rows=[], rejects=[], read=0, per_file={})
     rows = ((i, row, _renamed(row, src.columns)) for i, row in enumerate(dataset, 1))
-    _consume(result, src.label, "row", rows, kind, on_error, fmt, src.columns, tabular=True)
-    return result
+    yield from _iter_rows(per_file, src.label, "row", rows, kind, on_error, fmt, src.columns, tabular=True)
 
 
 _HUB_DATASETS: dict[tuple, Any] = {}  # one load per process: the cache key and the build both need it
@@ -167,22 +189,48 @@ _HUB_DATASETS: dict[tuple, Any] = {}  # one load per process: the cache key and 
 
 def load_hub_dataset(src: Source):
     """`datasets.load_dataset(path, name=, split=, revision=)`, as a UserError when it fails."""
-    key = (src.path, src.name, src.split or "train", src.revision)
+    key = (src.path, src.name, src.split or "train", src.revision, src.streaming)
     if key not in _HUB_DATASETS:
         import datasets
 
+        # streaming only when asked: a stubbed or older loader need not know the keyword
+        stream = {"streaming": True} if src.streaming else {}
         try:
-            dataset = datasets.load_dataset(src.path, name=src.name, split=src.split or "train", revision=src.revision)
+            dataset = datasets.load_dataset(src.path, name=src.name, split=src.split or "train", revision=src.revision,
+                                            **stream)
         except Exception as err:  # offline, unknown id, bad split or subset: datasets raises many types
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(
                 f"cannot load Hub dataset {src.label}: {first}",
                 hint="check the id, split, name and revision; a local path that does not exist is read as a Hub id",
             ) from None
-        if not isinstance(dataset, datasets.Dataset):
+        if not isinstance(dataset, datasets.IterableDataset if src.streaming else datasets.Dataset):
             raise UserError(f"Hub dataset {src.label} did not load as one split (got {type(dataset).__name__})")
         _HUB_DATASETS[key] = dataset
     return _HUB_DATASETS[key]
+
+
+def hub_fingerprint(src: Source) -> str:
+    """What a Hub source's rows depend on, by content, for the build cache: the loaded dataset's
+    fingerprint, or for a streamed source (nothing downloaded yet) the hash that `datasets` gives
+    its builder from the resolved data files of the repository commit, with the subset and split."""
+    if not src.streaming:
+        return load_hub_dataset(src)._fingerprint
+    import hashlib
+
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(src.path, name=src.name, revision=src.revision)
+    except Exception as err:  # offline, unknown id, bad subset: datasets raises many types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load Hub dataset {src.label}: {first}",
+                        hint="check the id, split, name and revision") from None
+    if not builder.hash:
+        raise UserError(f"Hub dataset {src.label}: datasets gives no content hash for it, so a cached build "
+                        "could go stale", hint="set streaming: false for this source")
+    key = f"{builder.config_id}:{builder.hash}:{src.split or 'train'}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _check_arguments(kind: str, on_error: str, fmt: str) -> None:
@@ -198,7 +246,20 @@ def _check_arguments(kind: str, on_error: str, fmt: str) -> None:
 def _consume(result: LoadResult, name: str, where: str, rows, kind: str, on_error: str, fmt: str,
              columns: dict, tabular: bool) -> None:
     """Normalise (row number, raw, value) triples of one file into `result`, counting each."""
-    counts = result.per_file[name] = {"read": 0, "kept": 0, "rejected": 0}
+    for item in _iter_rows(result.per_file, name, where, rows, kind, on_error, fmt, columns, tabular):
+        result.read += 1
+        if isinstance(item, Reject):
+            result.rejects.append(item)
+        else:
+            result.rows.append(item[0])
+            result.origins.append(item[1])
+
+
+def _iter_rows(per_file: dict, name: str, where: str, rows, kind: str, on_error: str, fmt: str,
+               columns: dict, tabular: bool) -> Iterator:
+    """(normalised row, origin) or Reject for each (row number, raw, value) of one file, counted in
+    per_file[name] as they go."""
+    counts = per_file[name] = {"read": 0, "kept": 0, "rejected": 0}
     seen_columns: set[str] = set()
     for row_no, raw, value in rows:
         if isinstance(raw, dict):
@@ -206,20 +267,20 @@ def _consume(result: LoadResult, name: str, where: str, rows, kind: str, on_erro
             if tabular and counts["read"] == 0:
                 _check_renames(name, columns, seen_columns)  # a misspelt column fails at once
         counts["read"] += 1
-        result.read += 1
         try:
             if isinstance(value, _RowError):
                 raise value
-            result.rows.append(_normalise(value, kind, fmt))
-            result.origins.append((name, row_no, where))
-            counts["kept"] += 1
+            row = _normalise(value, kind, fmt)
         except _RowError as err:
             if on_error == "raise":
                 unseen = [old for old in columns if old not in seen_columns]
                 note = f" (no row so far has the column(s) to rename: {', '.join(unseen)})" if unseen else ""
                 raise UserError(f"{name}, {where} {row_no}, field {err.field}: {err.reason}{note}", hint=SKIP_HINT) from None
-            result.rejects.append(Reject(name, row_no, err.field, err.reason, raw))
             counts["rejected"] += 1
+            yield Reject(name, row_no, err.field, err.reason, raw)
+            continue
+        counts["kept"] += 1
+        yield row, (name, row_no, where)
     if counts["read"]:
         _check_renames(name, columns, seen_columns)
 
@@ -253,12 +314,17 @@ def write_rejects(rejects: list[Reject], path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rejects:
-            line = json.dumps(asdict(r), ensure_ascii=False, default=str)
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:  # the raw row holds a lone surrogate: keep it escaped
-                line = json.dumps(asdict(r), default=str)
-            f.write(line + "\n")
+            f.write(reject_line(r))
+
+
+def reject_line(r: Reject) -> str:
+    """One line of rejects.jsonl."""
+    line = json.dumps(asdict(r), ensure_ascii=False, default=str)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # the raw row holds a lone surrogate: keep it escaped
+        line = json.dumps(asdict(r), default=str)
+    return line + "\n"
 
 
 def expand_files(files: list[str]) -> list[Path]:
@@ -390,12 +456,15 @@ def _read_json(path: Path):
 def _read_parquet(path: Path):
     import pyarrow.parquet as pq
 
-    try:
-        rows = pq.read_table(path).to_pylist()
+    try:  # a record batch at a time: a 200k-row file never sits in memory as Python objects
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                i += 1
+                yield i, row, row
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise UserError(f"{path}: cannot read parquet file ({e})") from None
-    for i, row in enumerate(rows, 1):
-        yield i, row, row
 
 
 def _read_arrow(path: Path):

@@ -79,14 +79,15 @@ class ChatFormat:
     def _vocab_arg(self) -> dict:
         return {"vocab": self.vocab} if self.template in templates.TEXT_TEMPLATES else {}
 
-    def encode_chat(self, messages: list[dict], train_on: str = "assistant") -> templates.Encoded:
-        return templates.encode_chat(messages, self.template, train_on=train_on, **self._vocab_arg)
+    def encode_chat(self, messages: list[dict], train_on: str = "assistant", verify: bool = True) -> templates.Encoded:
+        return templates.encode_chat(messages, self.template, train_on=train_on, verify=verify, **self._vocab_arg)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         return templates.encode_prompt(messages, self.template, **self._vocab_arg)
 
-    def encode_preference(self, prompt: list[dict], chosen, rejected) -> tuple[list[int], list[int], list[int]]:
-        return templates.encode_preference(prompt, chosen, rejected, self.template, **self._vocab_arg)
+    def encode_preference(self, prompt: list[dict], chosen, rejected,
+                          verify: bool = True) -> tuple[list[int], list[int], list[int]]:
+        return templates.encode_preference(prompt, chosen, rejected, self.template, verify=verify, **self._vocab_arg)
 
     def tokenizer_file(self):
         return templates.mistral_tokenizer_file(self.template, self.vocab if self._vocab_arg else None)

@@ -17,8 +17,10 @@ prompt, or sharing an n-gram with a long one, count as decontaminated (`split_ev
 
 Per dataset, in order: each source is read and validated (rejected), rows past `limit` are not
 read, rows overlapping evaluation prompts are dropped (decontaminated), then duplicates of
-earlier rows (deduplicated), then rows over max_length tokens (too_long). Per stage and per
-source: kept + rejected + deduplicated + decontaminated + too_long = read. The mixture then
+earlier rows (deduplicated), then rows over max_length tokens (too_long; with data.overlong=
+truncate a chat is cut after its last whole assistant turn that fits, and counted as truncated).
+Per stage and per source: kept + rejected + deduplicated + decontaminated + too_long = read. The
+rows stream through in chunks (mistral_tune.datasets.build), tokenized on data.num_proc processes. The mixture then
 takes round(weight x kept) examples of each source (weight < 1: a seeded random subset;
 weight > 1: every row int(weight) times plus a seeded subset for the fraction).
 """
@@ -29,15 +31,18 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import random
 import shutil
 import statistics
+from array import array
 from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from mistral_tune import runs
+from mistral_tune.datasets import build as build_engine
 from mistral_tune.datasets import cleaning, sources
 from mistral_tune.errors import UserError
 from mistral_tune.formats import templates
@@ -93,7 +98,7 @@ def cache_inputs(cfg: DictConfig, kind: str, fmt: ChatFormat) -> dict:
     for src in stage_sources(cfg, kind):
         weighted |= src.weight != 1.0
         if src.is_hub:
-            hub[src.label] = sources.load_hub_dataset(src)._fingerprint
+            hub[src.label] = sources.hub_fingerprint(src)
         else:
             for path in sources.expand_files([src.path]):
                 files[str(path)] = _file_digest(path)
@@ -111,6 +116,8 @@ def cache_inputs(cfg: DictConfig, kind: str, fmt: ChatFormat) -> dict:
             "decontaminate": {str(p): _file_digest(p) for p in sources.expand_files(list(decontaminate.files))}
             if decontaminate.files else {},
             "ngram": decontaminate.ngram,
+            "overlong": cfg.data.overlong,
+            "max_drop_fraction": cfg.data.max_drop_fraction,
         },
         "seed": cfg.seed if weighted else None,  # only weighted mixtures are random
     }
@@ -150,93 +157,122 @@ def mix(pool: list, weight: float, rng: random.Random) -> list:
     return pool * whole + [pool[i] for i in extra]
 
 
-def build_stage(cfg: DictConfig, kind: str, fmt: ChatFormat,
-                decontaminator: cleaning.Decontaminator) -> tuple[list[dict], dict, list]:
-    """(examples, report, rejects) of one stage's dataset, every row read accounted for."""
+def _check_row_settings(cfg: DictConfig) -> int:
+    """data.overlong, data.max_drop_fraction and data.num_proc checked; the number of processes."""
+    if cfg.data.overlong not in build_engine.OVERLONG:
+        raise UserError(f"unknown data.overlong={cfg.data.overlong!r}; expected one of {', '.join(build_engine.OVERLONG)}")
+    if not 0.0 <= cfg.data.max_drop_fraction <= 1.0:
+        raise UserError(f"data.max_drop_fraction={cfg.data.max_drop_fraction} must be in [0, 1]")
+    num_proc = cfg.data.num_proc or build_engine.default_num_proc()
+    if num_proc < 1:
+        raise UserError(f"data.num_proc={cfg.data.num_proc} must be at least 1 (or null: the cores available)")
+    return num_proc
+
+
+def build_stage(cfg: DictConfig, kind: str, fmt: ChatFormat, decontaminator: cleaning.Decontaminator,
+                dataset_dir: Path, rejects_path: Path) -> tuple[dict, list[int]]:
+    """(report, example lengths) of one stage's dataset, every row read accounted for. The rows
+    stream through (datasets.build): the dataset is written to dataset_dir and every row not used
+    to rejects_path as they go, both put in place only when the whole build succeeded."""
     stage = cfg[kind].data
     layout = DATA_LAYOUT[kind]
+    num_proc = _check_row_settings(cfg)
+    truncating = cfg.data.overlong == "truncate" and layout == "sft"
     dedup = cleaning.Deduplicator(cfg.data.dedup, cfg.data.near_dup_threshold)
-    budget = stage.limit
-    examples, rejects, per_source, per_file = [], [], {}, {}
-    for index, src in enumerate(stage_sources(cfg, kind)):
-        result = sources.load_source(src, layout, on_error=cfg.data.on_error, fmt=stage.format)
-        rows = list(zip(result.rows, result.origins))
-        if budget is not None:  # rows past the limit are never used, so not counted as read
-            rows, budget = rows[:budget], max(0, budget - len(rows))
-        counts = dict.fromkeys(COUNTS, 0)
-        counts.update(read=len(rows) + len(result.rejects), rejected=len(result.rejects))
-        rejects += result.rejects
-        pool = []
-        for row, (file, row_no, word) in rows:
-            text = cleaning.row_text(row, layout)
-            reason = decontaminator.check(text)
-            counter = "decontaminated"
-            if reason is None:
-                reason, counter = dedup.check(text, f"{file}, {word} {row_no}"), "deduplicated"
-            if reason is None:
-                try:
-                    example = encode_row(row, layout, fmt, cfg.template.train_on)
-                except ValueError as err:  # a row that validation let through but the format cannot hold
-                    if cfg.data.on_error == "raise":
-                        raise UserError(f"{file}, {word} {row_no}: cannot encode with {fmt.template}: {err}",
-                                        hint=sources.SKIP_HINT) from None
-                    counts["rejected"] += 1
-                    rejects.append(sources.Reject(file, row_no, "<row>", f"cannot encode with {fmt.template}: {err}", row))
-                    continue
-                length = example_length(example)
-                if length <= stage.max_length:
-                    pool.append(example)
-                    continue
-                reason, counter = f"{length} tokens > max_length {stage.max_length}", "too_long"
-            counts[counter] += 1
-            rejects.append(sources.Reject(file=file, row=row_no, field="<row>", reason=reason, raw=row))
-        counts["kept"] = len(pool)
-        chosen = mix(pool, src.weight, random.Random(f"{cfg.seed}:{kind}:{index}:{src.label}"))
-        examples += chosen
+    encoder = build_engine.Encoder(fmt, layout, cfg.template.train_on, stage.max_length, cfg.data.overlong)
+
+    def clean(row: dict, origin: tuple) -> tuple[str, str] | None:
+        file, row_no, word = origin
+        text = cleaning.row_text(row, layout)
+        reason = decontaminator.check(text)
+        if reason is not None:
+            return reason, "decontaminated"
+        reason = dedup.check(text, f"{file}, {word} {row_no}")
+        return None if reason is None else (reason, "deduplicated")
+
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = dataset_dir.with_name(dataset_dir.name + ".parts")
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    budget, finished, per_file = stage.limit, [], {}
+    with open(rejects_tmp, "w", encoding="utf-8") as rejects_file:
+        reject = lambda r: rejects_file.write(sources.reject_line(r))  # noqa: E731
+        done = build_engine.take_encoded(cfg.data.on_error, fmt.template, stage.max_length, reject)
+        with build_engine.Tokenizers(encoder, num_proc, done) as tokenizers:
+            for index, src in enumerate(stage_sources(cfg, kind)):
+                counts = dict.fromkeys(COUNTS, 0) | ({"truncated": 0} if truncating else {})
+                run = build_engine.SourceRun(counts, build_engine.ArrowPart(parts_dir / f"{index}.arrow", encoder.schema),
+                                             {name: array("q") for name in build_engine.stat_names(layout)})
+                rows = sources.iter_source(src, layout, cfg.data.on_error, stage.format, per_file)
+                taken = build_engine.stream_source(rows, run, tokenizers, clean, reject, budget)
+                budget = None if budget is None else budget - taken
+                finished.append((index, src, run))
+
+    per_source, pieces, stats = {}, [], {name: [] for name in build_engine.stat_names(layout)}
+    for index, src, run in finished:
+        kept = run.counts["kept"]
+        chosen = mix(list(range(kept)), src.weight, random.Random(f"{cfg.seed}:{kind}:{index}:{src.label}"))
+        if chosen:
+            pieces.append((run.part.path, chosen, kept))
+            for name, values in run.stats.items():
+                stats[name] += [values[i] for i in chosen]
         label = src.label if src.label not in per_source else f"{src.label} #{index + 1}"
-        per_source[label] = {**counts, "weight": src.weight, "examples": len(chosen)}
-        per_file.update(result.per_file)
-    if not examples:
+        per_source[label] = {**run.counts, "weight": src.weight, "examples": len(chosen)}
+    if not pieces:
+        shutil.rmtree(parts_dir, ignore_errors=True)
         raise UserError(f"{kind}: no usable rows in {[s.label for s in stage_sources(cfg, kind)]} "
                         f"(see the rejects above, or the report's counts)")
     report = {k: sum(c[k] for c in per_source.values()) for k in COUNTS}
-    report.update(examples=len(examples), per_source=per_source, per_file=per_file)
-    report.update(_token_stats(layout, examples))
+    if truncating:
+        report["truncated"] = sum(c["truncated"] for c in per_source.values())
+    report.update(examples=len(stats["length"]), per_source=per_source, per_file=per_file)
+    report.update(_token_stats(layout, stats))
     for counts in [report, *per_source.values()]:
         assert counts["read"] == sum(counts[k] for k in COUNTS[1:]), counts  # nothing dropped silently
-    return examples, report, rejects
+    _check_drops(cfg, kind, report)
+    build_engine.save_dataset(pieces, dataset_dir)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    rejects_tmp.replace(rejects_path)
+    return report, stats["length"]
 
 
-def _token_stats(kind: str, examples: list[dict]) -> dict:
-    lengths = [example_length(e) for e in examples]
+def _check_drops(cfg: DictConfig, kind: str, report: dict) -> None:
+    """A dataset that loses more than data.max_drop_fraction of its rows to max_length stops the
+    build: training on 3 of 30 rows because the rest were silently too long is the failure."""
+    dropped, read, limit = report["too_long"], report["read"], cfg.data.max_drop_fraction
+    if read and dropped / read > limit:
+        fix = (f"raise {kind}.data.max_length (now {cfg[kind].data.max_length}), "
+               + ("set data.overlong=truncate, " if cfg.data.overlong == "drop" and DATA_LAYOUT[kind] == "sft" else "")
+               + f"or accept it with data.max_drop_fraction={math.ceil(100 * dropped / read) / 100:.2f}")
+        log.warning("data/%s: %d of %d rows (%.1f%%) are longer than max_length %d tokens and were dropped; %s",
+                    kind, dropped, read, 100 * dropped / read, cfg[kind].data.max_length, fix)
+        raise UserError(f"{kind}: {dropped} of {read} rows are too long (more than data.max_drop_fraction="
+                        f"{limit}); {fix}")
+
+
+def _token_stats(kind: str, stats: dict[str, list[int]]) -> dict:
+    """Token counts and length statistics from per-example numbers (datasets.build.stat_names)."""
+    lengths = stats["length"]
     if kind == "sft":
         total = sum(lengths)
-        trained = sum(sum(e["assistant_masks"]) for e in examples)
-        stats = {"tokens": total, "length": _length_stats(lengths), "trained_tokens": trained}
+        trained = sum(stats["trained"])
+        out = {"tokens": total, "length": _length_stats(lengths), "trained_tokens": trained}
     else:
         # DPO trains on the completions: chosen and rejected, each after the shared prompt.
         # `tokens` counts prompt + chosen (one sequence per pair), `pair_tokens` all three.
-        total = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-        trained = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-        stats = {
-            "tokens": sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in examples),
+        prompt, chosen, rejected = stats["prompt"], stats["chosen"], stats["rejected"]
+        total = sum(prompt) + sum(chosen) + sum(rejected)
+        trained = sum(chosen) + sum(rejected)
+        out = {
+            "tokens": sum(prompt) + sum(chosen),
             "pair_tokens": total, "length": _length_stats(lengths), "trained_tokens": trained,
-            "prompt_length": _length_stats([len(e["prompt_ids"]) for e in examples]),
-            "chosen_length": _length_stats([len(e["chosen_ids"]) for e in examples]),
-            "rejected_length": _length_stats([len(e["rejected_ids"]) for e in examples]),
+            "prompt_length": _length_stats(prompt),
+            "chosen_length": _length_stats(chosen),
+            "rejected_length": _length_stats(rejected),
         }
-    stats["trained_fraction"] = round(trained / total, 4) if total else 0.0
-    return stats
-
-
-def _save(examples: list[dict], out: Path) -> None:
-    from datasets import Dataset
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_list(examples).save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out["trained_fraction"] = round(trained / total, 4) if total else 0.0
+    return out
 
 
 def write_histogram(kind: str, lengths: list[int], max_length: int, path: Path) -> None:
@@ -381,18 +417,28 @@ def split_eval(cfg: DictConfig, kind: str) -> tuple[list[dict], list[str]]:
     if fraction == 0 or is_bundled(cfg, kind):
         return [], []
     layout = DATA_LAYOUT[kind]
-    first: dict[str, dict] = {}  # prompt -> its first row, in reading order
-    for src in stage_sources(cfg, kind):
-        for row in sources.load_source(src, layout, on_error="skip", fmt=cfg[kind].data.format).rows:
-            first.setdefault(_prompt_text(row, layout), row)
-    prompts = list(first)
-    n = min(round(fraction * len(prompts)), cfg.eval.max_samples)
+
+    def prompts_and_rows():  # streamed twice: a 200k-row dataset is never held in memory
+        for src in stage_sources(cfg, kind):
+            for item in sources.iter_source(src, layout, "skip", cfg[kind].data.format, {}):
+                if not isinstance(item, sources.Reject):
+                    prompt = _prompt_text(item[0], layout)
+                    yield hashlib.blake2b(prompt.encode(), digest_size=16).digest(), prompt, item[0]
+
+    position: dict[bytes, int] = {}  # each distinct prompt's place in reading order
+    for key, _, _ in prompts_and_rows():
+        position.setdefault(key, len(position))
+    n = min(round(fraction * len(position)), cfg.eval.max_samples)
     if n < MIN_HELD_OUT:
         log.info("data/%s: %d prompts: %s of them is under %d rows, none held out for eval "
-                 "(give eval.files=[...] for an evaluation)", kind, len(prompts), fraction, MIN_HELD_OUT)
+                 "(give eval.files=[...] for an evaluation)", kind, len(position), fraction, MIN_HELD_OUT)
         return [], []
-    held = sorted(random.Random(f"{cfg.seed}:eval:{kind}").sample(range(len(prompts)), n))
-    return [first[prompts[i]] for i in held], [prompts[i] for i in held]
+    held = sorted(random.Random(f"{cfg.seed}:eval:{kind}").sample(range(len(position)), n))
+    wanted, first = set(held), {}  # place -> (prompt, its first row)
+    for key, prompt, row in prompts_and_rows():
+        if position[key] in wanted and position[key] not in first:
+            first[position[key]] = (prompt, row)
+    return [first[i][1] for i in held], [first[i][0] for i in held]
 
 
 def build(cfg: DictConfig, kind: str) -> None:
@@ -426,11 +472,10 @@ def build(cfg: DictConfig, kind: str) -> None:
     if decontaminator.files:
         report["decontaminate"] = {"files": decontaminator.files, "prompts": decontaminator.prompts,
                                    "ngram": decontaminator.n}
-    examples, stage_report, rejects = build_stage(cfg, kind, fmt, decontaminator)
+    stage_report, lengths = build_stage(cfg, kind, fmt, decontaminator, run_dir.dataset(kind), out / "rejects.jsonl")
     if DATA_LAYOUT[kind] == "sft" and stage_report["trained_tokens"] == 0:
         raise UserError(f"{kind}: the dataset has zero trained tokens; check template.train_on")
     report.update(stage_report)
-    _save(examples, run_dir.dataset(kind))
     r = stage_report
     extra = "".join(
         f", {name} {r[key]}" for key, name in (("deduplicated", "duplicates"), ("decontaminated", "contaminated"))
@@ -438,13 +483,13 @@ def build(cfg: DictConfig, kind: str) -> None:
         or (key == "decontaminated" and decontaminator.files)
     )
     mixed = f"; {r['examples']} examples after weights" if r["examples"] != r["kept"] else ""
-    log.info("data/%s: read %d, kept %d, rejected %d%s, too long %d%s; %d tokens",
-             kind, r["read"], r["kept"], r["rejected"], extra, r["too_long"], mixed, r["tokens"])
+    truncated = f" (truncated {r['truncated']})" if "truncated" in r else ""
+    log.info("data/%s: read %d, kept %d%s, rejected %d%s, too long %d%s; %d tokens",
+             kind, r["read"], r["kept"], truncated, r["rejected"], extra, r["too_long"], mixed, r["tokens"])
     if held_rows:
         log.info("data/%s: %d rows held out for eval (eval.split_fraction %s) in %s; training rows sharing "
                  "their prompts dropped", kind, len(held_rows), cfg.eval.split_fraction, eval_path)
-    sources.write_rejects(rejects, out / "rejects.jsonl")
-    write_histogram(kind, [example_length(e) for e in examples], cfg[kind].data.max_length, out / HISTOGRAM)
+    write_histogram(kind, lengths, cfg[kind].data.max_length, out / HISTOGRAM)
     report["histogram"] = HISTOGRAM
     runs.write_json(out / "report.json", report)
     runs.finish_stage(cfg, stage, {"format": asdict(fmt), "report": report}, inputs)
