@@ -26,15 +26,19 @@ Turn a Mistral base model into an instruct model. Commands:
   pipeline   data -> stages (stages=[sft,dpo] by default; [orpo], [sft], ...) -> merge -> eval (-> push)
   tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
   plan       parameters, steps per epoch and per-GPU memory, without loading weights
+  chat       talk to run_dir/merged through its chat template (stdin lines when piped)
 
 Overrides are Hydra's: run_dir=runs/x model=mistral_7b_v0_1 peft=lora sft.trainer.max_steps=10
 logger=none experiment=zephyr_7b_beta_qlora; -m sweeps (job k writes to run_dir/k).
 launcher=ddp|zero2|zero3|... runs each training command under accelerate launch.
-Show the composed config with: mistral-tune <command> --cfg
+Your own config files: --config-dir DIR experiment=mine (DIR/experiment/mine.yaml; also DIR/model/,
+DIR/data/, ...), or experiment=/path/to/mine.yaml; --config-name NAME picks DIR/NAME.yaml as primary.
+Each command's keys and defaults: mistral-tune <command> --help
+Show the composed config with: mistral-tune <command> --cfg job (search path and groups: --info)
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan")
+COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan", "chat")
 log = logging.getLogger("mistral_tune")
 
 
@@ -112,35 +116,66 @@ def _report(command: str, err: UserError) -> None:
     print(f"mistral-tune {command}: error: {err}", file=sys.stderr)
 
 
+def _locked(command: str, cfg, overrides: list[str]):
+    """run_command holding run_dir's lock (one command per run_dir at a time)."""
+    from mistral_tune.lock import run_dir_lock
+
+    with run_dir_lock(cfg.run_dir, command):
+        return run_command(command, cfg, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command, overrides = argv[0], argv[1:]
+    command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"mistral-tune: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     _setup_logging()
     try:
-        if "-m" in overrides or "--multirun" in overrides:
+        from mistral_tune import cli_args
+
+        args = cli_args.parse(rest)
+        cli_args.set_search_dirs(args)
+        overrides = args.overrides
+        if args.multirun and not (args.help or args.cfg or args.info):
+            if args.config_name:
+                raise UserError("--config-name does not combine with -m yet",
+                                hint="put the sweep's settings in DIR/experiment/NAME.yaml: --config-dir DIR experiment=NAME -m ...")
             from mistral_tune.sweep import multirun
 
-            return multirun(command, [o for o in overrides if o not in ("-m", "--multirun")], run_command, _report)
-        from mistral_tune.config import compose, to_container
+            return multirun(command, overrides, _locked, _report)
+        from mistral_tune.config import compose_with_choices, to_container
 
-        show_cfg = "--cfg" in overrides
-        overrides = [o for o in overrides if o != "--cfg"]
-        cfg = compose(overrides)
-        if show_cfg:
+        if args.help:
+            try:
+                cfg, choices = compose_with_choices(overrides)
+            except UserError as err:  # help still helps; the error says what to fix
+                print(f"(config not composed: {err})", file=sys.stderr)
+                cfg, choices = None, None
+            print(cli_args.command_help(command, cfg, choices))
+            return 0
+        cfg, choices = compose_with_choices(overrides, announce=not (args.info or args.cfg) and command != "chat")
+        if args.info:
+            print(cli_args.info(command, args, choices))
+            return 0
+        if args.cfg:
             import yaml
 
-            print(yaml.safe_dump(to_container(cfg), sort_keys=False))
+            shown = {} if args.cfg == "hydra" else to_container(cfg)
+            if args.cfg != "job":
+                shown["hydra"] = {"searchpath": [f"file://{d}" for d in args.search_dirs], "choices": choices}
+            print(yaml.safe_dump(shown, sort_keys=False))
             return 0
+        from mistral_tune.preflight import preflight
         from mistral_tune.runs import check_writable
 
-        check_writable(cfg.run_dir)
-        result = run_command(command, cfg, overrides)
+        if command != "chat":  # chat only reads
+            check_writable(cfg.run_dir)
+        preflight(command, cfg)
+        result = run_command(command, cfg, overrides) if command == "chat" else _locked(command, cfg, overrides)
         if isinstance(result, Path):
             log.info("%s: output in %s", command, result)
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,30 +34,68 @@ def setup() -> None:
     schema.register()
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], config_name: str | None = None) -> DictConfig:
     """The resolved config for these command-line overrides, or a UserError naming the bad key."""
+    return compose_with_choices(overrides, config_name)[0]
+
+
+def compose_with_choices(overrides: list[str], config_name: str | None = None,
+                         announce: bool = False) -> tuple[DictConfig, dict]:
+    """The resolved config and the option chosen in each config group. The primary config is
+    `config` unless --config-name chose another (passed down to launched ranks in the environment);
+    `hydra.searchpath=[file://DIR]` among the overrides adds a user config dir (--config-dir).
+    `announce`: log the model-dependent defaults with where each came from (the CLI, once, for a
+    command that does work)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
     setup()
     _register_default_resolvers()
     GlobalHydra.instance().clear()
+    config_name = config_name or os.environ.get("MISTRAL_TUNE_CONFIG_NAME") or "config"
+    inherited = os.environ.get("MISTRAL_TUNE_CONFIG_DIRS")  # a launched rank of a --config-dir command
+    if inherited and not any(o.startswith("hydra.searchpath=") for o in overrides):
+        entries = ",".join(f"'file://{d}'" for d in inherited.split(os.pathsep))
+        overrides = [*overrides, f"hydra.searchpath=[{entries}]"]
+    primary_dir, overrides = _primary_dir(config_name, overrides)
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=model_group_overrides(overrides))
+        with initialize_config_dir(str(primary_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=model_group_overrides(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            hydra_node = cfg.pop("hydra")
+        choices = OmegaConf.to_container(hydra_node.runtime.choices)
         OmegaConf.resolve(cfg)
-        # `+key=value` appends past Hydra's struct check; merging into the schema catches it.
-        from mistral_tune.schema import Config
-
-        OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except Exception as err:  # Hydra and OmegaConf raise many types; all are user errors here
         raise UserError(explain_config_error(err)) from None
+    # `+key=value` appends past Hydra's struct check (and OmegaConf.merge into the structured
+    # schema accepts it too): compare the keys with the schema, before any data or model work.
+    from mistral_tune.schema import Config
+
+    unknown = unknown_keys(cfg, OmegaConf.structured(Config))
+    if unknown:
+        raise UserError(unknown_key_message(unknown[0]))
     check_stages(list(cfg.stages))
     if OmegaConf.is_missing(cfg.model, "name_or_path"):
         raise UserError("model=pretrained needs model.name_or_path=<a local checkpoint folder or a cached hub id>")
-    log_choices(resolve_model_defaults(cfg, overrides))
-    return cfg
+    resolved = resolve_model_defaults(cfg, overrides)
+    if announce:
+        log_choices(resolved)
+    return cfg, choices
+
+
+def _primary_dir(config_name: str, overrides: list[str]) -> tuple[Path, list[str]]:
+    """Hydra 1.3 looks the primary config up before it applies `hydra.searchpath`: a primary config
+    of a user config dir (--config-name) makes that dir the primary one, with the shipped configs
+    on the search path (so its `defaults: [config]` finds ours)."""
+    searchpath = next((o for o in overrides if o.startswith("hydra.searchpath=")), "")
+    dirs = re.findall(r"'file://([^']+)'", searchpath)
+    for d in dirs:
+        if config_name != "config" and (Path(d) / f"{config_name}.yaml").exists():
+            entries = ",".join(f"'file://{x}'" for x in [*dirs, str(CONFIG_DIR)])
+            return Path(d), [o for o in overrides if o != searchpath] + [f"hydra.searchpath=[{entries}]"]
+    return CONFIG_DIR, overrides
 
 
 # --- defaults that follow the model and the data (issue 11) -------------------------------------
@@ -214,6 +253,37 @@ def _known_keys() -> list[str]:
     return _all_keys(OmegaConf.structured(Config))
 
 
+def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
+    """Keys of the composed config that the schema does not have. Free-form dict fields of the
+    schema (model.config, columns) take any key; lists are not descended."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return []
+    free = OmegaConf.get_type(schema) in (dict, None)
+    known = set(schema.keys())  # `in schema` is False for a MISSING value
+    found = []
+    for key in node.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            if not free:
+                found.append(full)
+            continue
+        found += unknown_keys(node._get_node(key), schema._get_node(key), full)
+    return found
+
+
+def unknown_key_message(key: str) -> str:
+    from mistral_tune.schema import OWNED_TRAINER_FIELDS
+
+    stage_key = re.fullmatch(r"(sft|dpo|orpo)\.trainer\.(\w+)", key)
+    if stage_key and stage_key.group(2) in OWNED_TRAINER_FIELDS:
+        return f"'{key}' is set by mistral_tune: {OWNED_TRAINER_FIELDS[stage_key.group(2)]}"
+    hint = ""
+    close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.75)
+    if close:
+        hint = f" (did you mean '{close[0]}'?)"
+    return f"unknown config key '{key}'{hint}"
+
+
 def explain_config_error(err: BaseException) -> str:
     """One or two lines: what is wrong, with which key, and the likely fix."""
     chain = []
@@ -229,22 +299,15 @@ def explain_config_error(err: BaseException) -> str:
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' (?:is )?not in", text)
     if re.search(r"Key '[^']+' (is )?not in", text):
         key = full_key or (m.group(1) if m else "?")
-        key = re.sub(r"^[+~]+", "", key)
-        from mistral_tune.schema import OWNED_TRAINER_FIELDS
-
-        stage_key = re.fullmatch(r"(sft|dpo)\.trainer\.(\w+)", key)
-        if stage_key and stage_key.group(2) in OWNED_TRAINER_FIELDS:
-            return f"'{key}' is set by mistral_tune: {OWNED_TRAINER_FIELDS[stage_key.group(2)]}"
-        hint = ""
-        close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.75)
-        if close:
-            hint = f" (did you mean '{close[0]}'?)"
-        return f"unknown config key '{key}'{hint}"
+        return unknown_key_message(re.sub(r"^[+~]+", "", key))
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if m:
         group, choice = m.groups()
-        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        return f"no config '{choice}' in group '{group}'; choose one of: {', '.join(options)}"
+        from mistral_tune.cli_args import config_groups
+
+        options = config_groups().get(group, [])
+        return (f"no config '{choice}' in group '{group}'; choose one of: {', '.join(options)}"
+                f" (or your own DIR/{group}/{choice}.yaml with --config-dir DIR)")
     first_line = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
     where = f"{full_key}: " if full_key else ""
     return f"invalid config: {where}{first_line}"

@@ -162,6 +162,8 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         picked[path] = node
+    if isinstance(picked.get("data"), dict):  # data.show prints examples: it changes no build
+        picked["data"] = {k: v for k, v in picked["data"].items() if k != "show"}
     for node in picked.values():  # logging and checkpoint cadence do not change the result
         trainer = node.get("trainer") if isinstance(node, dict) else None
         if isinstance(trainer, dict):
@@ -193,9 +195,43 @@ def check_done(cfg: DictConfig, stage: str, inputs: dict | None = None) -> dict 
         log.info("%s: config changed and force=true: redoing the stage", stage)
         return None
     raise UserError(
-        f"{stage_dir(cfg, stage)} holds a finished {stage} stage made with a different config",
+        f"{stage_dir(cfg, stage)} holds a finished {stage} stage made with a different config: "
+        + config_changes(stage_dir(cfg, stage) / "config.yaml", stage_config(cfg, stage)),
         hint="use a new run_dir=..., or force=true to redo it in place",
     )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def config_changes(old_config: Path, new: dict, limit: int = 6) -> str:
+    """`key: old -> new, ...` between a finished stage's config.yaml and the keys `new` (a
+    stage_config) decides the stage by; the inputs (data, previous stage) when no key changed."""
+    try:
+        old_full = yaml.safe_load(old_config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return f"its config ({old_config}) is unreadable"
+    old = {}
+    for path in new:
+        node = old_full
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        old[path] = node
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    ignored = (".logging_", ".save_")  # stage_config leaves these out of the decision
+    changes = [f"{key}: {old_flat.get(key, '(unset)')} -> {new_flat.get(key, '(unset)')}"
+               for key in sorted(old_flat.keys() | new_flat.keys())
+               if old_flat.get(key) != new_flat.get(key) and key != "data.show" and not any(m in f".{key.rsplit('.', 1)[-1]}" for m in ignored)]
+    if not changes:
+        return "no config key changed, so its inputs did (data files, tokenizer or the previous stage)"
+    more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""
+    return ", ".join(changes[:limit]) + more
 
 
 def write_stage_config(cfg: DictConfig, stage: str) -> None:

@@ -301,6 +301,15 @@ class EvalConfig:
 
 
 @dataclass
+class ChatConfig:
+    # `mistral-tune chat`: talk to run_dir/merged (or model.name_or_path) through its chat template.
+    max_new_tokens: int = 256  # longest reply, in tokens
+    temperature: float = 0.0  # 0: greedy (the same reply every time); e.g. 0.7 samples
+    top_p: float = 1.0  # nucleus sampling, used when temperature > 0
+    system: Optional[str] = None  # system prompt of the conversation
+
+
+@dataclass
 class PlanConfig:
     num_gpus: Optional[int] = None  # null: launcher.num_processes
     gpus_per_node: int = 8  # for DeepSpeed's estimators (nodes = ceil(num_gpus / gpus_per_node))
@@ -343,6 +352,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 

@@ -68,9 +68,24 @@ def test_zero3_memory_shards_with_gpus_and_warns_when_it_cannot_fit(tmp_path, gp
     assert parts["weights"] + parts["gradients"] + parts["optimizer"] == pytest.approx(20 * total_params / gpus)
     assert p["deepspeed"] is not None
     text = plan.render(p, cfg)
-    assert ("WARNING" in text) == (parts["total"] / plan.GiB > cfg.plan.gpu_memory_gb)
+    assert ("will not fit" in text) == (parts["total"] / plan.GiB > cfg.plan.gpu_memory_gb)
     if gpus == 1:
         assert "will not fit" in text
+
+
+@pytest.mark.parametrize(("fraction", "warned"), [(0.8, False), (0.95, True), (0.986, True)])
+def test_plan_warns_under_ten_percent_headroom(tmp_path, fraction, warned):
+    """78.9 of 80 GiB "fits" on paper, not in practice."""
+    cfg = compose(["experiment=zephyr_7b_beta_full", "plan.num_gpus=16", "plan.sft_rows=1000", f"run_dir={tmp_path}"])
+    total = plan.build_plan(cfg)["stages"]["sft"]["memory"]["parts"]["total"] / plan.GiB
+    cfg.plan.gpu_memory_gb = total / fraction
+    text = plan.render(plan.build_plan(cfg), cfg)
+    assert ("sft fits only just" in text) == warned
+    assert "will not fit" not in text
+    if warned:
+        assert f"{100 * (1 - fraction):.1f}% headroom < 10%" in text
+    else:
+        assert f"sft: fits ({total:.1f} of" in text
 
 
 def test_plan_reads_the_built_data(tmp_path, capsys):

@@ -49,6 +49,7 @@ from typing import Any, Iterator
 from mistral_tune.errors import UserError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+ARROW = ".arrow"  # the data files of a datasets.save_to_disk folder (given as the folder, or one by one)
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 # One DPO layout: prompt + chosen/rejected, each of chosen/rejected a string or a message list
 # (UltraFeedback-binarized: the full conversation whose last message is the assistant reply).
@@ -140,7 +141,7 @@ def load_rows(
     result = LoadResult(rows=[], rejects=[], read=0, per_file={})
     for path in expand_files(files):
         rows = _read_file(path, columns or {})
-        tabular = path.suffix.lower() in (".parquet", ".csv")  # every row has every column
+        tabular = path.suffix.lower() in (".parquet", ".csv", ARROW)  # every row has every column
         where = "line" if path.suffix.lower() == ".jsonl" else "row"
         _consume(result, str(path), where, rows, kind, on_error, fmt, columns or {}, tabular)
     return result
@@ -342,7 +343,7 @@ def expand_files(files: list[str]) -> list[Path]:
                 raise UserError(f"no files match {given!r}")
             paths = [p for m in matches for p in (_folder_files(Path(m)) if os.path.isdir(m) else [Path(m)])]
         elif os.path.isdir(spec):
-            paths = _folder_files(Path(spec))
+            paths = _saved_dataset_files(Path(spec)) or _folder_files(Path(spec))
             if not paths:
                 raise UserError(f"folder {given!r} holds no {'/'.join(EXTENSIONS)} files")
         elif os.path.exists(spec):
@@ -350,15 +351,41 @@ def expand_files(files: list[str]) -> list[Path]:
         else:
             raise UserError(f"data file not found: {given!r}")
         for p in paths:
-            if p.suffix.lower() not in EXTENSIONS:
+            if p.suffix.lower() not in (*EXTENSIONS, ARROW):
                 raise UserError(f"unsupported data file extension {p.suffix!r}: {str(p)!r} "
-                                f"(supported: {', '.join(EXTENSIONS)})")
+                                f"(supported: {', '.join(EXTENSIONS)}, and save_to_disk folders)")
             # Reading a file twice would silently duplicate its rows.
             if p.resolve() in seen:
                 raise UserError(f"data file listed twice: {str(p)!r}")
             seen.add(p.resolve())
             out.append(p)
     return out
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The .arrow files, in order, of a `datasets` save_to_disk folder: a Dataset, or the train
+    split (or only split) of a DatasetDict. None for any other folder (its state.json and
+    dataset_info.json must not be read as data files)."""
+    if (folder / "dataset_dict.json").exists():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{folder}/dataset_dict.json is damaged ({e})") from None
+        if "train" not in splits and len(splits) != 1:
+            raise UserError(f"{folder}: a saved DatasetDict with splits {', '.join(splits)} and no 'train'",
+                            hint=f"give one split's folder, e.g. {folder / splits[0]}")
+        folder = folder / ("train" if "train" in splits else splits[0])
+    state = folder / "state.json"
+    if not (state.exists() and (folder / "dataset_info.json").exists()):
+        return None
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{state} is damaged ({e})") from None
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise UserError(f"{folder}: saved dataset file {missing[0]} is missing")
+    return [folder / n for n in names]
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -381,7 +408,7 @@ def _read_file(path: Path, columns: dict) -> Iterator[tuple[int, object, object]
     suffix = path.suffix.lower()
     if suffix == ".csv":  # renamed before cells are parsed, so a renamed column holds messages too
         return _read_csv(path, columns)
-    rows = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[suffix](path)
+    rows = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ARROW: _read_arrow}[suffix](path)
     return ((n, raw, value if isinstance(value, _RowError) else _renamed(value, columns)) for n, raw, value in rows)
 
 
@@ -411,8 +438,13 @@ def _read_json(path: Path):
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid JSON file ({e}); for one JSON object per line use .jsonl") from None
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one JSON value per line: JSON Lines, as datasets' to_json writes
+            yield from _read_jsonl(path)
+            return
+        raise UserError(f"{path}: not a valid JSON file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a valid JSON file ({e})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
     if not isinstance(data, list):
@@ -433,6 +465,17 @@ def _read_parquet(path: Path):
                 yield i, row, row
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise UserError(f"{path}: cannot read parquet file ({e})") from None
+
+
+def _read_arrow(path: Path):
+    from datasets import Dataset
+
+    try:
+        ds = Dataset.from_file(str(path), in_memory=False)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise UserError(f"{path}: cannot read the saved dataset file ({e})") from None
+    for i, row in enumerate(ds, 1):
+        yield i, row, row
 
 
 def _read_csv(path: Path, columns: dict):

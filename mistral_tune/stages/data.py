@@ -313,6 +313,26 @@ def show_examples(examples: list[dict], tokenizer, n: int) -> None:
         print("-" * 40)
 
 
+def show_pairs(examples: list[dict], tokenizer, n: int) -> None:
+    """Print preference pairs: the prompt, then each completion (all of it trained) in [[...]]."""
+    for e in examples[:n]:
+        print("prompt:   " + tokenizer.decode(e["prompt_ids"]).replace("\n", "\\n"))
+        print("chosen:   [[" + tokenizer.decode(e["chosen_ids"]).replace("\n", "\\n") + "]]")
+        print("rejected: [[" + tokenizer.decode(e["rejected_ids"]).replace("\n", "\\n") + "]]")
+        print("-" * 40)
+
+
+def show_built(run_dir: RunDir, kind: str, n: int) -> None:
+    """`data.show=N`: the first N examples of the built dataset on disk, as the trainer reads them."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(run_dir.dataset(kind)))
+    examples = [dataset[i] for i in range(min(n, len(dataset)))]
+    print(f"data/{kind}: the first {len(examples)} of {len(dataset)} examples (trained tokens in [[...]])")
+    show = show_examples if DATA_LAYOUT[kind] == "sft" else show_pairs
+    show(examples, load_tokenizer(run_dir.tokenizer), n)
+
+
 def has_data(cfg: DictConfig, kind: str) -> bool:
     return bool(cfg[kind].data.files or cfg[kind].data.sources)
 
@@ -434,6 +454,8 @@ def build(cfg: DictConfig, kind: str) -> None:
     inputs["eval_split"] = {"fraction": cfg.eval.split_fraction, "max_samples": cfg.eval.max_samples,
                             "seed": cfg.seed}
     if runs.check_done(cfg, stage, inputs):
+        if cfg.data.show:  # a finished build is shown as it is, never rebuilt for it
+            show_built(run_dir, kind, cfg.data.show)
         return
     runs.write_stage_config(cfg, stage)
     decontaminator = cleaning.Decontaminator(list(cfg.data.decontaminate.files), cfg.data.decontaminate.ngram)
@@ -467,13 +489,9 @@ def build(cfg: DictConfig, kind: str) -> None:
     if held_rows:
         log.info("data/%s: %d rows held out for eval (eval.split_fraction %s) in %s; training rows sharing "
                  "their prompts dropped", kind, len(held_rows), cfg.eval.split_fraction, eval_path)
-    if DATA_LAYOUT[kind] == "sft" and cfg.data.show:
-        from datasets import load_from_disk
-
-        shown = load_from_disk(str(run_dir.dataset(kind)))
-        show_examples(shown.select(range(min(cfg.data.show, len(shown)))), load_tokenizer(run_dir.tokenizer),
-                      cfg.data.show)
     write_histogram(kind, lengths, cfg[kind].data.max_length, out / HISTOGRAM)
     report["histogram"] = HISTOGRAM
     runs.write_json(out / "report.json", report)
     runs.finish_stage(cfg, stage, {"format": asdict(fmt), "report": report}, inputs)
+    if cfg.data.show:
+        show_built(run_dir, kind, cfg.data.show)

@@ -288,9 +288,17 @@ def render(plan: dict, cfg: DictConfig) -> str:
         if total > budget:
             out.append(f"  WARNING: {stage} needs ~{total:.1f} GiB per GPU > plan.gpu_memory_gb={budget:g}: it will not fit; "
                        "use more GPUs, a higher ZeRO stage, offload, LoRA/QLoRA or a smaller micro-batch")
+        elif total > (1 - HEADROOM) * budget:
+            # Allocator fragmentation, NCCL buffers and the longest packed row are not in the formula.
+            out.append(f"  WARNING: {stage} fits only just ({total:.1f} of {budget:g} GiB per GPU, "
+                       f"{100 * (budget - total) / budget:.1f}% headroom < {100 * HEADROOM:.0f}%): fragmentation or a "
+                       "long batch can still run out of memory; leave room with a smaller micro-batch, more GPUs or offload")
         else:
             out.append(f"  {stage}: fits ({total:.1f} of {budget:g} GiB per GPU)")
     return "\n".join(out)
+
+
+HEADROOM = 0.10  # the plan warns when the estimate leaves less than this fraction of GPU memory free
 
 
 def _target_list(cfg: DictConfig) -> tuple[str, ...] | None:

@@ -1,0 +1,124 @@
+"""One command at a time per run_dir: DIR/.lock holds the pid and host of the process running it.
+
+Two commands writing the same run folder at once (a pipeline and a re-run of `sft`, two shells on
+one cluster login node) overwrite each other's checkpoints and manifests silently. The lock is
+created atomically (O_EXCL); a second command is refused in one line naming the holder. A lock
+left by a dead process on this host (pid gone) is taken over, and said so; one from another host
+cannot be checked from here and is refused, with the path to remove.
+
+Under `launcher=...` the command re-runs itself as `accelerate launch ... -m mistral_tune <stage>`:
+the launching process holds the lock and exports its identity in MISTRAL_TUNE_LOCK_HOLDER; the
+launched ranks find their holder's identity in the lock file and proceed without taking it. A
+launch started by hand (`accelerate launch -m mistral_tune sft`, the SLURM script) has no parent
+of ours: its rank 0 takes the lock, and the other ranks (RANK > 0) never take it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mistral_tune.errors import UserError
+
+log = logging.getLogger("mistral_tune")
+
+HOLDER_ENV = "MISTRAL_TUNE_LOCK_HOLDER"
+
+
+def identity() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or damaged: treated as held by an unknown process
+
+
+def _create(path: Path, info: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    return True
+
+
+def acquire(run_dir: str | Path, command: str) -> Path | None:
+    """Take DIR/.lock for this process; None when a launching parent already holds it for us."""
+    from mistral_tune.runs import RunDir
+
+    path = RunDir(Path(run_dir)).lock
+    if os.environ.get("RANK", "0") != "0":
+        return None  # a rank other than 0 of a launch (torchrun, accelerate, SLURM): rank 0 holds it
+    inherited = os.environ.get(HOLDER_ENV)
+    if inherited:
+        holder = read_holder(path)
+        if holder and holder.get("id") == inherited:
+            return None  # a rank started by the command that holds the lock
+    me = identity()
+    info = {"id": me, "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a stale lock removed by someone else between our reads: try again
+        if _create(path, info):
+            os.environ[HOLDER_ENV] = me  # inherited by the ranks a launcher starts
+            return path
+        holder = read_holder(path)
+        if holder is None:
+            continue
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            log.warning("%s: taking over a stale lock of process %s on %s (%s, no longer running)",
+                        run_dir, pid, host, holder.get("command", "?"))
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        who = f"process {pid} on {host}" if pid else "another process"
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        raise UserError(
+            f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({who}{since}) is running in it",
+            hint=f"wait for it, or use another run_dir=...; if it is not running, delete {path}",
+        )
+    raise UserError(f"run_dir={run_dir}: could not take the lock {path}")
+
+
+def release(path: Path | None) -> None:
+    if path is None:
+        return
+    holder = read_holder(path)
+    if holder and holder.get("id") == identity():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if os.environ.get(HOLDER_ENV) == identity():
+        del os.environ[HOLDER_ENV]
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path, command: str) -> Iterator[Path | None]:
+    """Hold DIR/.lock while the command runs (released on errors and Ctrl-C too)."""
+    path = acquire(run_dir, command)
+    try:
+        yield path
+    finally:
+        release(path)
