@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import runs
 from mistral_tune.runs import RunDir
+from mistral_tune.stages.data import eval_files
 
 VERSIONS = ("mistral-tune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "mistral-common")
 HUB_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
@@ -221,7 +222,6 @@ def _hub_dataset(label: str) -> str | None:
 
 def _eval_data_names(cfg: DictConfig) -> list[str]:
     """What eval held out, by name: the files, or `<stage>/eval.jsonl (held-out split of your data)`."""
-    from mistral_tune.stages.evaluate import eval_files
 
     names = []
     for layout in ("sft", "dpo"):

@@ -205,22 +205,24 @@ def test_user_data_is_split_for_eval_and_decontaminated(tmp_path):
     # preference pairs: 6 of 120 held out, readable by eval as pairs
     assert json.loads((rd.data("dpo") / "report.json").read_text())["held_out"]["rows"] == 6
     from mistral_tune.stages import evaluate
+    from mistral_tune.stages.data import eval_files
 
     cfg = compose(args)
-    assert evaluate.eval_files(cfg, "sft") == ([str(rd.data("sft") / "eval.jsonl")], "held_out")
+    assert eval_files(cfg, "sft") == ([str(rd.data("sft") / "eval.jsonl")], "held_out")
     data = evaluate.load_eval_data(cfg, ChatFormat.load(rd, "test"))
     assert len(data["loss"]) == 10 and len(data["pairs"]) == 12 and data["prompts"] == []  # no generation
 
 
 def test_bundled_eval_files_only_with_bundled_data(tmp_path):
     from mistral_tune.stages import evaluate
+    from mistral_tune.stages.data import eval_files
 
     cfg = compose([])
-    assert [Path(f).name for f in evaluate.eval_files(cfg, "sft")[0]] == ["eval_sft.jsonl"]
-    assert [Path(f).name for f in evaluate.eval_files(cfg, "dpo")[0]] == ["eval_dpo.jsonl"]
+    assert [Path(f).name for f in eval_files(cfg, "sft")[0]] == ["eval_sft.jsonl"]
+    assert [Path(f).name for f in eval_files(cfg, "dpo")[0]] == ["eval_dpo.jsonl"]
     chats = short_chats(tmp_path / "c.jsonl", 3)
     mine = compose([f"sft.data.files=[{chats}]", f"run_dir={tmp_path / 'r'}"])
-    assert evaluate.eval_files(mine, "sft") == ([], "none")  # not built yet / too small: never the bundled set
+    assert eval_files(mine, "sft") == ([], "none")  # not built yet / too small: never the bundled set
     assert compose([f"sft.data.files=[{chats}]", "eval.files=[x.jsonl]"]).eval.files == ["x.jsonl"]
 
 

@@ -51,6 +51,7 @@ from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
 from mistral_tune.stages import DATA_LAYOUT
+from mistral_tune.config import DATA_DIR, is_bundled
 
 log = logging.getLogger("mistral_tune")
 
@@ -409,7 +410,6 @@ def split_eval(cfg: DictConfig, kind: str) -> tuple[list[dict], list[str]]:
     user's own rows (one row each, at most eval.max_samples); none for the bundled data, which
     ships its own held-out files. The rows are read here, before `build_stage` reads them again
     for training, so the split does not depend on how that loop reads or filters."""
-    from mistral_tune.config import is_bundled
 
     fraction = cfg.eval.split_fraction
     if not 0 <= fraction < 1:
@@ -495,3 +495,26 @@ def build(cfg: DictConfig, kind: str) -> None:
     runs.finish_stage(cfg, stage, {"format": asdict(fmt), "report": report}, inputs)
     if cfg.data.show:
         show_built(run_dir, kind, cfg.data.show)
+
+
+BUNDLED_EVAL = {"sft": "eval_sft.jsonl", "dpo": "eval_dpo.jsonl"}  # data/: held out from the bundled sets
+
+
+def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
+    """(held-out files, what they are) of a layout: `eval.files` / `eval.pref_files` when given;
+    null: the bundled held-out file when the first stage of that layout trains on the bundled
+    data, else that stage's held-out split of the user's rows (data/<stage>/eval.jsonl)."""
+    given = cfg.eval.files if layout == "sft" else cfg.eval.pref_files
+    if given is not None:
+        return list(given), "given"
+    stage = next((s for s in cfg.stages if DATA_LAYOUT[s] == layout and has_data(cfg, s)), None)
+    if stage is None:
+        return [], "none"
+    if is_bundled(cfg, stage):
+        return [str(DATA_DIR / BUNDLED_EVAL[layout])], "bundled"
+    held = RunDir.of(cfg).data(stage) / EVAL_ROWS
+    return ([str(held)], "held_out") if held.exists() else ([], "none")
+
+
+def has_eval_data(cfg: DictConfig) -> bool:
+    return any(eval_files(cfg, layout)[0] for layout in ("sft", "dpo"))

@@ -38,6 +38,7 @@ from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
+from mistral_tune.stages.data import eval_files
 from mistral_tune.training import tracking
 from mistral_tune.training.modeling import load_policy
 
@@ -72,33 +73,6 @@ def model_refs(cfg: DictConfig) -> dict[str, dict]:
             hint=f"run `mistral-tune pipeline run_dir={cfg.run_dir}` first",
         )
     return refs
-
-
-BUNDLED_EVAL = {"sft": "eval_sft.jsonl", "dpo": "eval_dpo.jsonl"}  # data/: held out from the bundled sets
-
-
-def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
-    """(held-out files, what they are) of a layout: `eval.files` / `eval.pref_files` when given;
-    null: the bundled held-out file when the first stage of that layout trains on the bundled
-    data, else that stage's held-out split of the user's rows (data/<stage>/eval.jsonl)."""
-    from mistral_tune.config import DATA_DIR, is_bundled
-    from mistral_tune.stages import DATA_LAYOUT
-    from mistral_tune.stages.data import EVAL_ROWS, has_data
-
-    given = cfg.eval.files if layout == "sft" else cfg.eval.pref_files
-    if given is not None:
-        return list(given), "given"
-    stage = next((s for s in cfg.stages if DATA_LAYOUT[s] == layout and has_data(cfg, s)), None)
-    if stage is None:
-        return [], "none"
-    if is_bundled(cfg, stage):
-        return [str(DATA_DIR / BUNDLED_EVAL[layout])], "bundled"
-    held = RunDir.of(cfg).data(stage) / EVAL_ROWS
-    return ([str(held)], "held_out") if held.exists() else ([], "none")
-
-
-def has_eval_data(cfg: DictConfig) -> bool:
-    return any(eval_files(cfg, layout)[0] for layout in ("sft", "dpo"))
 
 
 def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:

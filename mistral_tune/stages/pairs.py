@@ -38,12 +38,14 @@ import torch
 from omegaconf import DictConfig
 
 from mistral_tune import runs
-from mistral_tune.datasets import sources
+from mistral_tune.datasets import sources, tasks
 from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
-from mistral_tune.stages.evaluate import eval_files, generate_samples
+from mistral_tune.stages.data import eval_files
+from mistral_tune.stages.evaluate import generate_samples
+from mistral_tune.stages.evaluate import score as task_score
 from mistral_tune.training.modeling import load_policy, start_model
 
 log = logging.getLogger("mistral_tune")
@@ -131,8 +133,6 @@ def verifier(cfg: DictConfig):
         return _user_function(p.reward), f"function {p.reward}"
     if p.reward_model:
         return _reward_model(cfg, p.reward_model), f"reward model {p.reward_model}"
-    from mistral_tune.stages.evaluate import score as task_score
-
     def check(prompts, completions):
         values = []
         for q, c in zip(prompts, completions):
@@ -146,8 +146,6 @@ def verifier(cfg: DictConfig):
 
 
 def _is_task(user: str) -> bool:
-    from mistral_tune.datasets import tasks
-
     try:
         tasks.task_of(user)
         return True

@@ -45,7 +45,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         prepare(cfg, stage)
         train(cfg, stage, overrides)
     out = merge.run(cfg)
-    if cfg.eval.enabled and not evaluate.has_eval_data(cfg):
+    if cfg.eval.enabled and not data.has_eval_data(cfg):
         log.warning("pipeline: eval skipped: no held-out data (your data is too small for an "
                     "eval.split_fraction split; give eval.files=[...] / eval.pref_files=[...])")
     elif cfg.eval.enabled:
