@@ -4,6 +4,7 @@ against one prompt at a time, the task checker, DPO's implicit reward, and the C
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys
@@ -101,9 +102,13 @@ def test_eval_cli_writes_results_table_and_model_card(tmp_path):
     import yaml
 
     meta = yaml.safe_load(head)
-    assert meta["library_name"] == "transformers" and "sft.jsonl" in meta["datasets"]
+    # Hub dataset ids only in the metadata: local files are named in the Data table
+    assert meta["library_name"] == "transformers" and "datasets" not in meta
     assert meta["model-index"][0]["results"][0]["metrics"]
-    for needle in ("## Data", "| sft | sft.jsonl | 1200 | 1200 | 0 |", "mistral_v1", "learning_rate", "beta",
+    counts = json.loads((tmp_path / "data" / "sft" / "report.json").read_text())["per_file"]
+    (file, c), = counts.items()
+    row = f"| sft | {Path(file).name} | {c['read']} | {c['kept']} | {c['rejected']} |"
+    for needle in ("## Data", row, "mistral_v1", "learning_rate", "beta",
                    "## Evaluation", "task_score", "AutoModelForCausalLM", "transformers "):
         assert needle in card, needle
     # W&B off still works (logger=none above); rerunning skips the finished evaluation.
