@@ -42,7 +42,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         if stage != sampled_stage(cfg):
             data.ensure(cfg, stage)
     for stage in cfg.stages:
-        prepare(cfg, stage)
+        if stage == sampled_stage(cfg):
+            prepare(cfg, stage)
         train(cfg, stage, overrides)
     out = merge.run(cfg)
     if cfg.eval.enabled and not data.has_eval_data(cfg):
