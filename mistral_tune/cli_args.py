@@ -149,8 +149,6 @@ TRAINING = ("sft", "dpo", "orpo", "pipeline")
 def command_help(command: str, cfg=None, choices: dict | None = None) -> str:
     """The command's purpose, its config groups (chosen option and the others) and its most used
     keys with the values they would take with these overrides."""
-    from omegaconf import OmegaConf
-
     purpose, keys = COMMAND_HELP[command]
     lines = [f"usage: mistral-tune {command} [key=value ...] [--config-dir DIR] [--cfg job] [--info] [-m]", "",
              purpose, ""]

@@ -18,7 +18,6 @@ from mistral_tune.datasets import build as build_engine
 from mistral_tune.datasets import cleaning, sources
 from mistral_tune.errors import UserError
 from mistral_tune.formats import templates
-from mistral_tune.stages import data
 from tests.test_data import build, conversation, write_jsonl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()

@@ -214,7 +214,6 @@ def test_user_data_is_split_for_eval_and_decontaminated(tmp_path):
 
 
 def test_bundled_eval_files_only_with_bundled_data(tmp_path):
-    from mistral_tune.stages import evaluate
     from mistral_tune.stages.data import eval_files
 
     cfg = compose([])
