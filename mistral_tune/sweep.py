@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -78,10 +79,69 @@ def summary_table(jobs: list[dict], name: str, how: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+SEED_KEYS = ("seed", "model.init_seed")
+EVAL_METRICS = ("task_score", "preference_accuracy", "eval_loss")
+TABLE_COLUMNS = (*EVAL_METRICS, "task_score_gain")  # gain: over the model in the row above
+
+
+def seed_groups(jobs: list[dict]) -> dict[str, dict]:
+    """Eval results of the finished jobs that differ only in their seeds, as mean and sample
+    standard deviation per model and metric: {other overrides: {"seeds", "models": {model:
+    {metric: [mean, sd]}}}}. Groups of one job are left out (no spread to show)."""
+    groups: dict[str, list[tuple[list[str], dict]]] = {}
+    for job in jobs:
+        path = Path(job["run_dir"]) / "eval" / "results.json"
+        if job.get("error") or not path.exists():
+            continue
+        rest = " ".join(o for o in job["overrides"] if o.split("=")[0].lstrip("+") not in SEED_KEYS)
+        seeds = [o for o in job["overrides"] if o.split("=")[0].lstrip("+") in SEED_KEYS]
+        groups.setdefault(rest, []).append((seeds, json.loads(path.read_text())))
+    out = {}
+    for rest, members in groups.items():
+        if len(members) < 2:
+            continue
+        models: dict[str, dict] = {}
+        previous = None
+        for name in members[0][1]:  # results.json lists base, then the stages in order
+            if not all(name in results for _, results in members):
+                continue
+            for metric in EVAL_METRICS:
+                values = [results[name].get(metric) for _, results in members]
+                if all(isinstance(v, (int, float)) for v in values):
+                    models.setdefault(name, {})[metric] = [statistics.fmean(values), statistics.stdev(values)]
+            # The gain over the model before, seed by seed: the spread of a difference, not of levels.
+            if previous and "task_score" in models.get(name, {}) and "task_score" in models.get(previous, {}):
+                gains = [results[name]["task_score"] - results[previous]["task_score"] for _, results in members]
+                models[name]["task_score_gain"] = [statistics.fmean(gains), statistics.stdev(gains)]
+            previous = name
+        out[rest] = {"seeds": [" ".join(s) for s, _ in members], "models": models}
+    return out
+
+
+def seed_table(groups: dict[str, dict]) -> str:
+    """Mean +- sample standard deviation over the seeds of each group."""
+    parts = []
+    for rest, group in groups.items():
+        rows = [["model", *TABLE_COLUMNS]]
+        for name, metrics in group["models"].items():
+            rows.append([name, *(f"{metrics[m][0]:+.3f} ± {metrics[m][1]:.3f}" if m == "task_score_gain" and m in metrics
+                                 else f"{metrics[m][0]:.3f} ± {metrics[m][1]:.3f}" if m in metrics else "-"
+                                 for m in TABLE_COLUMNS)])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        head = f"eval over {len(group['seeds'])} seeds ({'; '.join(group['seeds'])})" + (f", {rest}" if rest else "")
+        parts.append(head + ": mean ± sd\n" + "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+    return "\n\n".join(parts)
+
+
 def write_summary(sweep_dir: str | Path, jobs: list[dict], name: str, how: str) -> str:
     sweep_dir = Path(sweep_dir)
     text = summary_table(jobs, name, how)
-    runs.write_json(sweep_dir / "sweep.json", {"objective": name, "direction": how, "jobs": jobs})
+    groups = seed_groups(jobs)
+    if groups:
+        text += "\n\n" + seed_table(groups)
+    runs.write_json(sweep_dir / "sweep.json", {"objective": name, "direction": how, "jobs": jobs,
+                                              "over_seeds": groups})
     runs.atomic_write_text(sweep_dir / "sweep.md", f"```\n{text}\n```\n")
     return text
 

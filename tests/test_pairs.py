@@ -66,6 +66,16 @@ def test_best_and_worst_make_a_pair_and_ties_are_counted():
     assert report["score_histogram"] == {"0": 4, "0.5": 1, "1": 4}
     assert report["samples"] == 9 and report["chosen_mean_score"] == 1.0 and report["rejected_mean_score"] == 0.0
     assert report["mean_score"] == pytest.approx(4.5 / 9, abs=1e-4)
+    assert report["empty_samples"] == 0 and report["too_few_nonempty"] == 0
+
+
+def test_empty_samples_are_scored_but_never_paired():
+    """A sample that is EOS at once is a wrong answer, but an empty reply is not a valid chat row:
+    the data stage would refuse the pairs file. It is counted and left out of the pairing."""
+    q = [{"messages": [{"role": "user", "content": f"q{i}"}], "user": f"q{i}", "reference": None} for i in range(2)]
+    rows, report = pairs.build_pairs(q, [["", "x", "y"], ["", " ", "z"]], [[0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    assert [r["rejected"][-1]["content"] for r in rows] == ["y"] and rows[0]["chosen"][-1]["content"] == "x"
+    assert report["empty_samples"] == 3 and report["too_few_nonempty"] == 1 and report["pairs"] == 1
 
 
 def test_histogram_bins_continuous_scores():
@@ -87,6 +97,24 @@ def test_prompts_leave_out_the_eval_set_and_repeats(tmp_path):
     assert [p["user"] for p in prompts] == ["What is 1 + 1?", "What is 2 + 2?"]
     assert counts == {"rows": 4, "held_out": 1, "repeated": 1}
     assert prompts[0]["messages"] == [{"role": "user", "content": "What is 1 + 1?"}] and prompts[0]["reference"] == "x"
+
+
+def test_prompt_only_rows_need_no_reference_reply(tmp_path):
+    """A verifier needs no answers: pairs.prompts_files may hold chats that end with the user's
+    turn, or bare {"prompt": "..."} rows; a wrong layout is still a clear error."""
+    prompts_file = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]},
+            {"prompt": "Sort these digits: 3, 1, 2"}]
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, f"pairs.prompts_files=[{prompts_file}]", "eval.files=[]", "eval.pref_files=[]")
+    prompts, counts = pairs.load_prompts(cfg)
+    assert [(p["user"], p["reference"]) for p in prompts] == [("What is 3 + 4?", None), ("Sort these digits: 3, 1, 2", None)]
+    assert prompts[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    check, _ = pairs.verifier(cfg)
+    assert check(prompts, ["3 + 4 = 7", "1, 3, 2"]) == [1.0, 0.0]
+    prompts_file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match="line 1"):
+        pairs.load_prompts(cfg)
 
 
 def test_bundled_prompts_exclude_every_eval_prompt(tmp_path):
@@ -116,6 +144,24 @@ def test_sampling_is_seeded_and_batched_like_one_prompt_at_a_time(tmp_path):
         plain = out[0, len(p):].tolist()
         plain = plain[:plain.index(2)] if 2 in plain else plain
         assert per == [plain, plain]
+
+
+def test_inverse_cdf_sampling_draws_from_the_softmax_as_multinomial_does():
+    """The sampler behind pairs.sample: token frequencies over many draws equal softmax(logits)
+    (those of torch.multinomial, which generate(do_sample=True) uses), a -inf token is never
+    drawn, and one token per row is left finite for greedy decoding to pick."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]])
+    probs = logits.softmax(-1)[0]
+    rows = 200_000
+    torch.manual_seed(0)
+    out = pairs.InverseCDFSampling()(None, logits.expand(rows, -1).clone())
+    assert torch.isfinite(out).sum(-1).eq(1).all()
+    freq = torch.bincount(out.argmax(-1), minlength=6).double() / rows
+    torch.manual_seed(0)
+    plain = torch.bincount(torch.multinomial(probs.expand(rows, -1), 1)[:, 0], minlength=6).double() / rows
+    assert freq[4] == 0
+    # 4 standard errors of a frequency over 200k draws is under 0.0045.
+    assert torch.allclose(freq, probs.double(), atol=0.0045) and torch.allclose(freq, plain, atol=0.0064)
 
 
 def test_stage_writes_pairs_the_data_stage_reads_and_is_deterministic(tmp_path):

@@ -48,6 +48,34 @@ def test_summary_sorts_best_first_and_is_saved(tmp_path):
 
 
 @pytest.mark.slow
+def test_jobs_that_differ_only_in_seed_get_a_mean_and_spread_table(tmp_path):
+    """`pipeline -m seed=0,1,2` ends with eval's figures as mean ± sample sd over the seeds; jobs
+    with other overrides are grouped apart, a group of one has no spread and is left out."""
+    jobs = []
+    scores = {"0": 0.40, "1": 0.44, "2": 0.48}
+    for k, (seed, lr) in enumerate([("0", "a"), ("1", "a"), ("2", "a"), ("0", "b")]):
+        run = tmp_path / str(k)
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({
+            "sft": {"task_score": scores[seed], "preference_accuracy": 0.9, "eval_loss": 0.25},
+            "dpo": {"task_score": scores[seed] + 0.1, "preference_accuracy": None}}))
+        jobs.append({"job": k, "overrides": [f"seed={seed}", f"lr={lr}"], "run_dir": str(run), "objective": 0.0})
+    jobs.append({"job": 4, "overrides": ["seed=3", "lr=a"], "run_dir": str(tmp_path / "4"), "objective": None,
+                 "error": "failed"})
+    groups = sweep.seed_groups(jobs)
+    assert list(groups) == ["lr=a"] and groups["lr=a"]["seeds"] == ["seed=0", "seed=1", "seed=2"]
+    sft = groups["lr=a"]["models"]["sft"]
+    assert sft["task_score"] == pytest.approx([0.44, 0.04]) and sft["preference_accuracy"] == pytest.approx([0.9, 0.0])
+    # preference_accuracy None: not averaged; the gain over sft is the same 0.1 on every seed.
+    assert groups["lr=a"]["models"]["dpo"] == {"task_score": pytest.approx([0.54, 0.04]),
+                                               "task_score_gain": pytest.approx([0.1, 0.0])}
+    assert "task_score_gain" not in sft  # the first model has none before it
+    text = sweep.write_summary(tmp_path, jobs, "eval/dpo/task_score", "maximize")
+    assert "eval over 3 seeds (seed=0; seed=1; seed=2), lr=a: mean ± sd" in text
+    assert "sft    0.440 ± 0.040" in text and "+0.100 ± 0.000" in text
+    assert json.loads((tmp_path / "sweep.json").read_text())["over_seeds"]["lr=a"]["models"]["sft"]["eval_loss"] == [0.25, 0.0]
+
+
 def test_sweep_returns_objectives_and_writes_summary(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "mistral_tune", "sft", "-m", f"run_dir={tmp_path}", "logger=none",

@@ -234,11 +234,11 @@ def hub_fingerprint(src: Source) -> str:
 
 
 def _check_arguments(kind: str, on_error: str, fmt: str) -> None:
-    if kind not in ("sft", "dpo"):
+    if kind not in ("sft", "dpo", "prompts"):
         raise UserError(f"unknown data kind {kind!r}; expected 'sft' or 'dpo'")
     if on_error not in ("raise", "skip"):
         raise UserError(f"unknown data.on_error={on_error!r}; expected 'raise' or 'skip'")
-    formats = SFT_FORMATS if kind == "sft" else DPO_FORMATS
+    formats = DPO_FORMATS if kind == "dpo" else SFT_FORMATS
     if fmt != "auto" and fmt not in formats:
         raise UserError(f"unknown {kind} data format {fmt!r}; expected 'auto' or one of {', '.join(formats)}")
 
@@ -526,6 +526,13 @@ def _normalise(row: object, kind: str, fmt: str) -> dict:
         if _stripped([_as_message(chosen)]) == _stripped([_as_message(rejected)]):
             raise _RowError("rejected", "chosen and rejected are identical")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if kind == "prompts" and fmt in ("auto", "messages") and _has(row, "messages"):
+        # Prompts to sample from (pairs.prompts_files): a chat may end with the user's turn.
+        messages = _messages(row, "messages", "role", "content", _OPENAI_ROLES)
+        _check_order(messages, "messages", "role", ("user", "assistant"))
+        return {"messages": _with_tools(messages, _tools(row), "messages")}
+    if kind == "prompts" and fmt == "auto" and isinstance(_get(row, "prompt"), str) and not _has(row, "completion"):
+        return {"messages": [{"role": "user", "content": _text(row, "prompt")}]}
 
     if fmt == "auto":
         fmt = next((name for name, keys in _SFT_DETECT if _has(row, *keys)), None)

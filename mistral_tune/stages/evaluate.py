@@ -147,9 +147,10 @@ def generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_
 
 
 @torch.no_grad()
-def generate_samples(model, prompts: list[list[int]], gen, batch_size: int) -> list[list[list[int]]]:
-    """gen.num_return_sequences completions per prompt (GenerationConfig `gen`), each cut before
-    EOS. Prompts are batched by length and left-padded, so batching changes no prompt's input."""
+def generate_samples(model, prompts: list[list[int]], gen, batch_size: int, logits_processor=None) -> list[list[list[int]]]:
+    """gen.num_return_sequences completions per prompt (GenerationConfig `gen`, and generate's
+    `logits_processor`), each cut before EOS. Prompts are batched by length and left-padded, so
+    batching changes no prompt's input."""
     pad_id, eos_id, k = gen.pad_token_id, gen.eos_token_id, gen.num_return_sequences or 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[list[int]]] = [[] for _ in prompts]
@@ -162,7 +163,7 @@ def generate_samples(model, prompts: list[list[int]], gen, batch_size: int) -> l
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attn[row, width - len(prompts[i]):] = 1
         new = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
-                             generation_config=gen)[:, width:].tolist()
+                             generation_config=gen, logits_processor=logits_processor)[:, width:].tolist()
         for row, i in enumerate(idx):  # generate returns each prompt's samples consecutively
             for tokens in new[row * k:(row + 1) * k]:
                 out[i].append(tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens)
