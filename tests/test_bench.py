@@ -72,6 +72,7 @@ def test_table_compares_each_mode_with_its_trl_baseline():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bench_runs_end_to_end(tmp_path):
     """A tiny model, 3 steps, one configuration of each side; writes the table and the JSON."""
     sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"

@@ -253,6 +253,7 @@ def test_ddp_sft_dpo_merge_two_processes(tmp_path, one_process_sft):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_deepspeed_zero2_sft_on_two_processes(tmp_path, one_process_sft):
     run_dir = tmp_path / "run"
     launch("zero2", "sft", run_dir, "logger=none")
@@ -290,6 +291,7 @@ def test_deepspeed_zero3_sft_dpo_saves_consolidated_weights(tmp_path, one_proces
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_deepspeed_zero3_offload_sft_on_two_processes(tmp_path, one_process_sft):
     """Parameters and optimizer states offloaded to host RAM (DeepSpeedCPUAdam steps there); the
     first run on a machine compiles DeepSpeed's cpu_adam op (about a minute, cached)."""
@@ -360,6 +362,7 @@ def zero3_lora_pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_pipeline_under_zero3_lora_with_checkpointing(zero3_lora_pipeline):
     run_dir = zero3_lora_pipeline
     import torch
@@ -383,6 +386,7 @@ def test_pipeline_under_zero3_lora_with_checkpointing(zero3_lora_pipeline):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_merge_of_zero3_lora_output_matches_the_adapter_model(zero3_lora_pipeline):
     """Merged checkpoint loads on its own, and its logits match base + SFT adapter (merged) + DPO
     adapter (live), rebuilt here independently of the merge stage's own check."""
@@ -403,6 +407,7 @@ def test_merge_of_zero3_lora_output_matches_the_adapter_model(zero3_lora_pipelin
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_resume_zero3_lora_after_a_kill_reaches_the_uninterrupted_adapter(tmp_path, zero3_lora_pipeline):
     """Kill a ZeRO-3 + LoRA SFT run (every process, SIGKILL) once checkpoint-3 is written, re-run
     the same command: it resumes from checkpoint-3 and ends on the adapter of the uninterrupted
@@ -442,6 +447,7 @@ def test_resume_zero3_lora_after_a_kill_reaches_the_uninterrupted_adapter(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_fsdp2_launch_on_cpu_fails_loudly(tmp_path):
     """On CPU accelerate 1.15 turns an FSDP launch into plain DDP (MULTI_CPU); the run must stop with
     that reason instead of training something else. FSDP2 itself is a GPU check."""
@@ -478,6 +484,7 @@ def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_every_training_command_honours_the_launcher(tmp_path):
     """`mistral-tune sft launcher=ddp launcher.num_processes=2` re-launches itself under accelerate
     (not only `pipeline`): 2 ranks train, metrics.json says so, and the ranks' output streams

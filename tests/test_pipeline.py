@@ -124,6 +124,7 @@ def test_lora_merge_really_merges(lora_run):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sweep_jobs_write_numbered_folders(tmp_path):
     cli("sft", "-m", f"run_dir={tmp_path}", "logger=none", "sft.trainer.max_steps=1", "sft.data.limit=16",
         "dpo.data.limit=8", "sft.trainer.learning_rate=1e-3,2e-3")
