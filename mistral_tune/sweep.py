@@ -75,7 +75,12 @@ def summary_table(jobs: list[dict], name: str, how: str) -> str:
         value = job.get("objective")
         shown = "failed" if job.get("error") else ("-" if value is None else f"{value:.4f}")
         rows.append([str(job["job"]), shown, " ".join(job["overrides"]), job["run_dir"]])
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return _aligned(rows)
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
@@ -93,8 +98,8 @@ def seed_groups(jobs: list[dict]) -> dict[str, dict]:
         path = Path(job["run_dir"]) / "eval" / "results.json"
         if job.get("error") or not path.exists():
             continue
-        rest = " ".join(o for o in job["overrides"] if o.split("=")[0].lstrip("+") not in SEED_KEYS)
-        seeds = [o for o in job["overrides"] if o.split("=")[0].lstrip("+") in SEED_KEYS]
+        seeds = [o for o in job["overrides"] if _is_seed(o)]
+        rest = " ".join(o for o in job["overrides"] if not _is_seed(o))
         groups.setdefault(rest, []).append((seeds, json.loads(path.read_text())))
     out = {}
     for rest, members in groups.items():
@@ -118,19 +123,24 @@ def seed_groups(jobs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _is_seed(override: str) -> bool:
+    return override.split("=")[0].lstrip("+") in SEED_KEYS
+
+
 def seed_table(groups: dict[str, dict]) -> str:
     """Mean +- sample standard deviation over the seeds of each group."""
+    def cell(metrics: dict, column: str) -> str:
+        if column not in metrics:
+            return "-"
+        mean, sd = metrics[column]
+        return f"{mean:+.3f} ± {sd:.3f}" if column == "task_score_gain" else f"{mean:.3f} ± {sd:.3f}"
+
     parts = []
     for rest, group in groups.items():
         rows = [["model", *TABLE_COLUMNS]]
-        for name, metrics in group["models"].items():
-            rows.append([name, *(f"{metrics[m][0]:+.3f} ± {metrics[m][1]:.3f}" if m == "task_score_gain" and m in metrics
-                                 else f"{metrics[m][0]:.3f} ± {metrics[m][1]:.3f}" if m in metrics else "-"
-                                 for m in TABLE_COLUMNS)])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        rows += [[name, *(cell(metrics, c) for c in TABLE_COLUMNS)] for name, metrics in group["models"].items()]
         head = f"eval over {len(group['seeds'])} seeds ({'; '.join(group['seeds'])})" + (f", {rest}" if rest else "")
-        parts.append(head + ": mean ± sd\n" + "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
+        parts.append(head + ": mean ± sd\n" + _aligned(rows))
     return "\n\n".join(parts)
 
 

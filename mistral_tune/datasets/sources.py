@@ -686,13 +686,19 @@ def _function_name(obj: dict, where: str) -> str:
     return name
 
 
+def _from_json_text(value: object, where: str, what: str) -> object:
+    """`value` parsed when it is JSON text (CSV cells, some Hub datasets), else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _RowError(where, f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+
+
 def _json_object(value: object, where: str, what: str) -> dict:
     """A JSON object given as an object or as its JSON text."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _RowError(where, f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+    value = _from_json_text(value, where, what)
     if not isinstance(value, dict):
         raise _RowError(where, f"{what} must be a JSON object, got {_type(value)}")
     return value
@@ -700,12 +706,7 @@ def _json_object(value: object, where: str, what: str) -> dict:
 
 def _tools(row: dict) -> list[dict] | None:
     """The row's function definitions, normalised as mistral-common writes them, or None."""
-    value = _get(row, "tools")
-    if isinstance(value, str):  # CSV cells and some Hub datasets hold the list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _RowError("tools", f"tools is not valid JSON: {e.msg} at column {e.colno}") from None
+    value = _from_json_text(_get(row, "tools"), "tools", "tools")
     if value is None or value == []:
         return None
     if not isinstance(value, list):
