@@ -222,6 +222,9 @@ class PairsConfig:
     temperature: float = 1.0  # sampling temperature: higher gives more varied (and more wrong) samples
     top_p: float = 1.0  # nucleus sampling; 1.0 samples the full distribution
     max_new_tokens: int = 16  # the longest bundled answer is 15 tokens with its EOS
+    # Add the greedy reply as one more candidate (the first): every pair then holds the reply the
+    # model gives when decoding greedily, as eval does; its mistakes become the rejected replies.
+    greedy: bool = False
     batch_size: int = 64  # prompts per generate call (each with num_samples sequences), and scored per batch
     # The verifier, by default the bundled tasks' exact checker (exact match with the chat's reference
     # reply for other prompts). reward: "module:function" called as function(prompt, completion) ->

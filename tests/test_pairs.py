@@ -69,6 +69,21 @@ def test_best_and_worst_make_a_pair_and_ties_are_counted():
     assert report["empty_samples"] == 0 and report["too_few_nonempty"] == 0
 
 
+def test_greedy_candidate_is_in_every_pair_and_reported():
+    """With pairs.greedy the first candidate is the greedy reply: ties go to it, so it is the chosen
+    reply when it is right and the rejected one when it is wrong; the report says how often a sample
+    beats it (best_of_k_mean_score, greedy_beaten)."""
+    q = [{"messages": [{"role": "user", "content": f"q{i}"}], "user": f"q{i}", "reference": None} for i in range(5)]
+    completions = [["g0", "a", "b"], ["g1", "c", "d"], ["g2", "e", "f"], ["g3", "h", "i"], ["g4", "j", "k"]]
+    scores = [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 1.0, 0.0]]
+    rows, report = pairs.build_pairs(q, completions, scores, greedy=True)
+    assert [(r["chosen"][-1]["content"], r["rejected"][-1]["content"]) for r in rows] == [
+        ("a", "g0"), ("g1", "c"), ("j", "g4")]  # g4 is beaten: paired with the best, not the worst
+    assert report["greedy_mean_score"] == 0.5 and report["greedy_beaten"] == 2
+    assert report["best_of_k_mean_score"] == 0.8 and report["ties"] == 2
+    assert "greedy_mean_score" not in pairs.build_pairs(q, completions, scores)[1]
+
+
 def test_empty_samples_are_scored_but_never_paired():
     """A sample that is EOS at once is a wrong answer, but an empty reply is not a valid chat row:
     the data stage would refuse the pairs file. It is counted and left out of the pairing."""
@@ -188,6 +203,32 @@ def test_stage_writes_pairs_the_data_stage_reads_and_is_deterministic(tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="different config"):
         pairs.run(_cfg(tmp_path / "a", "pairs.reward=tests.test_pairs:length_reward", "pairs.temperature=1.5"))
+
+
+def test_stage_with_greedy_adds_the_greedy_reply_first(tmp_path):
+    """pairs.greedy: each prompt gets num_samples samples plus its greedy reply, which equals eval's
+    greedy generation of that prompt."""
+    from mistral_tune.formats.chat_format import ChatFormat
+    from mistral_tune.formats.tokenizer import load_tokenizer
+    from mistral_tune.stages.evaluate import generate
+    from mistral_tune.training.modeling import load_policy, start_model
+
+    cfg = _cfg(tmp_path / "run", "pairs.reward=tests.test_pairs:length_reward", "pairs.greedy=true")
+    _prepare(cfg)
+    out = pairs.run(cfg)
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 6 * 4 and report["greedy"] is True
+    assert report["greedy_mean_score"] is not None and 0 <= report["greedy_beaten"] <= 6
+    run_dir = RunDir.of(cfg)
+    tok, fmt = load_tokenizer(run_dir.tokenizer), ChatFormat.load(run_dir, "pairs")
+    model = load_policy(cfg, start_model(cfg, "dpo", tok)[0]).eval()
+    prompts, _ = pairs.load_prompts(cfg)
+    ids = generate(model, [fmt.encode_prompt(q["messages"]) for q in prompts], tok.pad_token_id, tok.eos_token_id,
+                   cfg.pairs.max_new_tokens, 2)
+    greedy = [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+    for row in _rows(out / "pairs.jsonl"):  # every pair holds the greedy reply of its prompt
+        mine = greedy[[q["user"] for q in prompts].index(row["prompt"])]
+        assert mine in (row["chosen"][-1]["content"], row["rejected"][-1]["content"])
 
 
 def test_reward_model_scores_with_its_first_logit(tmp_path):

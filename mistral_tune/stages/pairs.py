@@ -9,15 +9,18 @@ errors it does make (online/iterative DPO, RL from verifiable rewards). After th
    out (counted), repeated prompts once;
 2. samples `pairs.num_samples` completions per prompt from that policy (batched `generate`,
    temperature/top_p, seeded by `seed`; under a launcher each rank samples a shard and rank 0
-   gathers them);
+   gathers them); with `pairs.greedy`, each prompt's greedy reply (what eval decodes) too;
 3. scores each with a verifier: the bundled tasks' exact checker (as `eval` scores them; exact
    match with the chat's reference reply for other prompts), a user function
    (`pairs.reward=module:function`, called as function(prompt, completion) -> float, prompt the
    last user turn's text), or a reward model (`pairs.reward_model=<path or hub id>`, a
    sequence-classification model, its first logit);
 4. pairs the best and the worst scored sample of each prompt (prompts whose samples all tie are
-   skipped and counted) and writes run_dir/pairs/pairs.jsonl in the row layout of data/dpo.jsonl,
-   report.json (counts, score histogram, chosen/rejected mean score) and manifest.json last.
+   skipped and counted; with `pairs.greedy` every pair holds the greedy reply) and writes
+   run_dir/pairs/pairs.jsonl in the row layout of data/dpo.jsonl, report.json (counts, score
+   histogram, chosen/rejected mean score, best-of-k score; with `pairs.greedy` how often a
+   sample beats the greedy reply) and
+   manifest.json last.
 
 configs/pairs/onpolicy.yaml points dpo.data.files at that file, so DPO's data build reads it like
 any preference file. A finished stage with the same config and start model is reused.
@@ -44,7 +47,7 @@ from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
 from mistral_tune.stages.data import eval_files
-from mistral_tune.stages.evaluate import generate_samples
+from mistral_tune.stages.evaluate import generate, generate_samples
 from mistral_tune.stages.evaluate import score as task_score
 from mistral_tune.training.modeling import load_policy, start_model
 
@@ -227,10 +230,17 @@ def _reward_model(cfg: DictConfig, path: str):
     return score
 
 
-def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], dict]:
+def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[list[float]],
+                greedy: bool = False) -> tuple[list[dict], dict]:
     """Best vs worst sample per prompt; prompts whose samples all score the same are skipped.
     Empty samples (EOS first) are scored but never paired: an empty reply is not a valid chat row
-    for the data stage. Prompts left with fewer than two non-empty samples are counted apart."""
+    for the data stage. Prompts left with fewer than two non-empty samples are counted apart.
+    With `greedy` the first candidate is the greedy reply and every pair holds it: (best sample,
+    greedy reply) when a sample scores above it, else (greedy reply, worst sample).
+
+    The report says how much sampling finds beyond greedy decoding (what eval scores):
+    `best_of_k_mean_score` (pass@k for a 0/1 checker) and, with `greedy`, the greedy replies'
+    mean score and `greedy_beaten`, the prompts where a sample scores above the greedy reply."""
     rows, ties, chosen, rejected, too_few = [], Counter(), [], [], 0
     for q, texts, values in zip(prompts, completions, scores):
         usable = [i for i, text in enumerate(texts) if text.strip()]
@@ -239,6 +249,8 @@ def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[
             continue
         best = max(usable, key=lambda i: (values[i], -i))  # first of the best
         worst = min(usable, key=lambda i: (values[i], i))  # first of the worst
+        if greedy and best != 0 and 0 in usable:
+            worst = 0  # a sample beats the greedy reply: that is the pair
         if values[best] == values[worst]:
             ties[values[best]] += 1
             continue
@@ -259,7 +271,11 @@ def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[
         "too_few_nonempty": too_few,
         "score_histogram": histogram(flat), "mean_score": _mean(flat),
         "chosen_mean_score": _mean(chosen), "rejected_mean_score": _mean(rejected),
+        "best_of_k_mean_score": _mean([max(values) for values in scores]),
     }
+    if greedy:
+        report["greedy_mean_score"] = _mean([values[0] for values in scores])
+        report["greedy_beaten"] = sum(max(values[1:]) > values[0] for values in scores)
     return rows, report
 
 
@@ -320,8 +336,12 @@ def run(cfg: DictConfig) -> Path:
     model = load_policy(cfg, start).to(device)
 
     def work(shard, rank):
-        ids = sample(model, [fmt.encode_prompt(q["messages"]) for q in shard], cfg,
-                     tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed + rank)
+        encoded = [fmt.encode_prompt(q["messages"]) for q in shard]
+        ids = sample(model, encoded, cfg, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed + rank)
+        if cfg.pairs.greedy:
+            greedy = generate(model, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              cfg.pairs.max_new_tokens, cfg.pairs.batch_size)
+            ids = [[g, *per] for g, per in zip(greedy, ids)]
         return [[tokenizer.decode(t, skip_special_tokens=True).strip() for t in per] for per in ids]
 
     completions = _shard_and_gather(prompts, work)
@@ -330,13 +350,14 @@ def run(cfg: DictConfig) -> Path:
         score, name = verifier(cfg)
         flat_q = [q for q, per in zip(prompts, completions) for _ in per]
         flat = score(flat_q, [c for per in completions for c in per])
-        k = cfg.pairs.num_samples
+        k = len(completions[0])  # num_samples, plus the greedy reply with pairs.greedy
         scores = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
-        rows, report = build_pairs(prompts, completions, scores)
+        rows, report = build_pairs(prompts, completions, scores, greedy=cfg.pairs.greedy)
         if not rows:
             raise UserError(f"pairs: every prompt's {k} samples scored the same ({report['ties']} ties): no pairs",
                             hint="sample more (pairs.num_samples), hotter (pairs.temperature), or use a finer reward")
-        report = {"verifier": name, "num_samples": k, "prompts_read": counts, **report,
+        report = {"verifier": name, "num_samples": cfg.pairs.num_samples, "greedy": cfg.pairs.greedy,
+                  "prompts_read": counts, **report,
                   "runtime": round(time.perf_counter() - t0, 2)}
         runs.atomic_write_text(out / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         runs.write_json(out / "report.json", report)
