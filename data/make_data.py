@@ -13,6 +13,8 @@ tools_sft.jsonl tool use (OpenAI layout, mistral_v3/mistral_v7 only): arithmetic
                 non-arithmetic question the assistant answers without the tool. Not used by the
                 default pipeline; build it with
                 mistral-tune data template=mistral_v3 "sft.data.files=[data/tools_sft.jsonl]" "dpo.data.files=[]"
+eval_tools.jsonl held-out tool-use chats (another seed): eval's held-out file when SFT trains on
+                tools_sft.jsonl, scored on each tool call and on the answer after the results
 """
 
 from __future__ import annotations
@@ -127,3 +129,4 @@ if __name__ == "__main__":
     write("eval_sft.jsonl", sft_rows(200, seed=101))
     write("eval_dpo.jsonl", dpo_rows(200, seed=102))
     write("tools_sft.jsonl", tool_rows(400, seed=3))
+    write("eval_tools.jsonl", tool_rows(100, seed=103))

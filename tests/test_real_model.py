@@ -219,6 +219,10 @@ def test_bundled_eval_files_only_with_bundled_data(tmp_path):
     cfg = compose([])
     assert [Path(f).name for f in eval_files(cfg, "sft")[0]] == ["eval_sft.jsonl"]
     assert [Path(f).name for f in eval_files(cfg, "dpo")[0]] == ["eval_dpo.jsonl"]
+    tools = compose(["template=mistral_v3", "sft.data.files=[data/tools_sft.jsonl]"])
+    assert [Path(f).name for f in eval_files(tools, "sft")[0]] == ["eval_tools.jsonl"]  # its own held-out chats
+    both = compose(["template=mistral_v3", "sft.data.files=[data/sft.jsonl,data/tools_sft.jsonl]"])
+    assert [Path(f).name for f in eval_files(both, "sft")[0]] == ["eval_sft.jsonl", "eval_tools.jsonl"]
     chats = short_chats(tmp_path / "c.jsonl", 3)
     mine = compose([f"sft.data.files=[{chats}]", f"run_dir={tmp_path / 'r'}"])
     assert eval_files(mine, "sft") == ([], "none")  # not built yet / too small: never the bundled set

@@ -422,3 +422,63 @@ def test_bundled_tool_dataset_encodes_within_the_default_max_length():
             assert len(enc.input_ids) <= 256  # the default sft.data.max_length: nothing dropped as too long
             if i % 20 == 0:
                 assert enc.input_ids == mistral_common_ids(original["messages"], original["tools"], template)
+
+
+@pytest.mark.parametrize("template", TOOL_TEMPLATES)
+def test_eval_scores_tool_calls_and_the_answer_after_the_results(tmp_path, template, monkeypatch):
+    """Eval on the bundled held-out tool chats: one probe per tool-calling turn (scored on the
+    calls' names and arguments, not their random ids) and the reply after the results
+    (`tool_answer`). A "model" that generates each probe's reference tokens scores 1 everywhere;
+    one that changes an argument, drops [TOOL_CALLS] or answers in text scores 0 on those."""
+    from mistral_tune.config import compose
+    from mistral_tune.formats.chat_format import ChatFormat
+    from mistral_tune.runs import RunDir
+    from mistral_tune.stages import data, evaluate
+
+    cfg = compose([f"run_dir={tmp_path}", f"template={template}", "sft.data.files=[data/tools_sft.jsonl]",
+                   "dpo.data.files=[]", "stages=[sft]", "eval.max_samples=30"])
+    data.fix_chat_format(cfg, RunDir.of(cfg))
+    fmt = ChatFormat.load(RunDir.of(cfg), "test")
+    tok = fmt.hf_tokenizer()
+    rows = sources.load_rows([str(Path(__file__).resolve().parents[1] / "data" / "eval_tools.jsonl")], "sft").rows[:30]
+    held = evaluate.load_eval_data(cfg, fmt)
+    turns = [(r["messages"], i) for r in rows for i, m in enumerate(r["messages"]) if m.get("tool_calls")]
+    assert len(held["calls"]) == len(turns) > 20 and len(held["prompts"]) == 30
+    assert sum(p["task"] == "tool_answer" for p in held["prompts"]) > 10
+
+    # The reference continuation of every prompt, EOS cut (as generate returns it).
+    reference = {}
+    for messages, i in turns:
+        prompt = fmt.encode_prompt(messages[:i])
+        reference[tuple(prompt)] = fmt.encode_chat(messages[:i + 1]).input_ids[len(prompt):-1]
+    for r in rows:
+        prompt = fmt.encode_prompt(r["messages"][:-1])
+        reference[tuple(prompt)] = fmt.encode_chat(r["messages"]).input_ids[len(prompt):-1]
+
+    def replay(model, prompts, pad, eos, max_new_tokens, batch_size):
+        return [list(reference[tuple(p)]) for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", replay)
+    result, _ = evaluate.evaluate_model(torch_stub(), {**held, "loss": [], "pairs": []}, tok, cfg)
+    assert result["task_scores"]["tool_call"] == 1.0 and result["task_scores"]["tool_answer"] == 1.0
+    assert result["task_score"] == 1.0 and result["tool_call_well_formed"] == 1.0
+
+    ref = held["calls"][0]["reference"]
+    ids = reference[tuple(held["calls"][0]["ids"])]
+    assert evaluate.score_call(ids, ref, tok)[1:] == (True, True)
+    wrong_args = [(name, {"expression": args["expression"] + "1"}) for name, args in ref]
+    assert evaluate.score_call(ids, wrong_args, tok)[1:] == (False, True)  # well-formed, not right
+    assert evaluate.score_call(ids, [("weather", args) for _, args in ref], tok)[1:] == (False, False)
+    marker = tok.convert_tokens_to_ids("[TOOL_CALLS]")
+    assert evaluate.score_call([t for t in ids if t != marker], ref, tok)[1:] == (False, False)  # JSON alone is no call
+    assert evaluate.score_call(ids[:-3], ref, tok)[1:] == (False, False)  # cut short: no JSON
+    other_id = tok.encode(tok.decode(ids, skip_special_tokens=True).replace(
+        json.loads(tok.decode(ids[1:], skip_special_tokens=True))[0]["id"], "zzzzzzzzz"), add_special_tokens=False)
+    assert evaluate.score_call([marker, *other_id], ref, tok)[1]  # the call id is not compared
+
+
+def torch_stub():
+    class Model:
+        def eval(self):
+            return self
+    return Model()

@@ -498,6 +498,8 @@ def build(cfg: DictConfig, kind: str) -> None:
 
 
 BUNDLED_EVAL = {"sft": "eval_sft.jsonl", "dpo": "eval_dpo.jsonl"}  # data/: held out from the bundled sets
+# The held-out file of each bundled training file that has its own (the calculator tool task).
+BUNDLED_EVAL_OF = {"tools_sft.jsonl": "eval_tools.jsonl"}
 
 
 def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
@@ -511,7 +513,9 @@ def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
     if stage is None:
         return [], "none"
     if is_bundled(cfg, stage):
-        return [str(DATA_DIR / BUNDLED_EVAL[layout])], "bundled"
+        names = [Path(f).name for f in cfg[stage].data.files or []]
+        evals = [BUNDLED_EVAL_OF.get(name, BUNDLED_EVAL[layout]) for name in names] or [BUNDLED_EVAL[layout]]
+        return [str(DATA_DIR / name) for name in dict.fromkeys(evals)], "bundled"
     held = RunDir.of(cfg).data(stage) / EVAL_ROWS
     return ([str(held)], "held_out") if held.exists() else ([], "none")
 

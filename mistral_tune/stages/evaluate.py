@@ -6,7 +6,11 @@ For each model present in run_dir (rebuilt from its manifest, adapters merged):
   the held-out chats (`eval.files`), token-weighted, and its exp.
 - `task_score`: greedy generation on each held-out chat's last user turn (the earlier turns given
   with their reference replies), scored by `tasks.check` when the question is one of the bundled
-  tasks, else by exact match with the reference reply (whitespace stripped). Fraction right.
+  tasks, else by exact match with the reference reply (whitespace stripped; `tool_answer` when the
+  reply follows tool results). Chats with tool calls add one probe per tool-calling turn
+  (`tool_call`, on the user's held-out rows too): the generation must be [TOOL_CALLS] and the
+  same calls, names and arguments (`score_call`). Fraction right over all probes, and per task;
+  `tool_call_well_formed`: the calls parse and name the right functions, arguments aside.
 - `preference_accuracy`, `logp_margin`: on held-out pairs (`eval.pref_files`), the fraction where
   the model's log-probability of the chosen completion (summed over its tokens) beats the
   rejected one's, and the mean difference. The same definition for every model, so the column
@@ -24,6 +28,7 @@ logs W&B tables, writes the merged model's card (mistral_tune.card), and the man
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -84,17 +89,25 @@ def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
     pair_files, pair_kind = eval_files(cfg, "dpo")
     chats = sources.load_rows(chat_files, "sft", on_error=cfg.data.on_error).rows if chat_files else []
     pairs = sources.load_rows(pair_files, "dpo", on_error=cfg.data.on_error).rows if pair_files else []
-    loss_seqs, prompts = [], []
+    loss_seqs, prompts, calls = [], [], []
     for row in chats[:n]:
-        enc = fmt.encode_chat(row["messages"], train_on=cfg.template.train_on)
+        messages = row["messages"]
+        enc = fmt.encode_chat(messages, train_on=cfg.template.train_on)
         if len(enc.input_ids) > max_len:
             continue  # as in training: never truncated
         loss_seqs.append((enc.input_ids, enc.assistant_masks))
+        # Every tool-calling turn, given the chat before it: the calls must come out exactly (on
+        # the user's held-out rows too: a call has one right form, unlike a free-form reply).
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                calls.append({"ids": fmt.encode_prompt(messages[:i]), "user": _last_user(messages[:i]),
+                              "reference": [_call(c) for c in m["tool_calls"]]})
         if chat_kind == "held_out":
             continue
-        prompt = row["messages"][:-1]  # up to the last user turn, earlier replies the reference ones
-        prompts.append({"ids": fmt.encode_prompt(prompt), "user": prompt[-1]["content"],
-                        "reference": row["messages"][-1]["content"]})
+        prompt = messages[:-1]  # up to the last user turn (or tool result), earlier replies the reference ones
+        prompts.append({"ids": fmt.encode_prompt(prompt), "user": _last_user(prompt),
+                        "reference": messages[-1]["content"],
+                        "task": "tool_answer" if prompt[-1]["role"] == "tool" else None})
     pref_seqs = []
     pref_len = cfg[next((s for s in cfg.stages if s != "sft"), "dpo")].data.max_length
     for row in pairs[:n]:
@@ -102,7 +115,7 @@ def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
         if len(p) + max(len(c), len(r)) > pref_len:
             continue
         pref_seqs += [(p + c, [0] * len(p) + [1] * len(c)), (p + r, [0] * len(p) + [1] * len(r))]
-    return {"loss": loss_seqs, "prompts": prompts, "pairs": pref_seqs,
+    return {"loss": loss_seqs, "prompts": prompts, "calls": calls, "pairs": pref_seqs,
             "files": {"chats": chat_files, "chats_kind": chat_kind, "pairs": pair_files, "pairs_kind": pair_kind}}
 
 
@@ -170,12 +183,46 @@ def generate_samples(model, prompts: list[list[int]], gen, batch_size: int, logi
     return out
 
 
-def score(user: str, reference: str, answer: str) -> tuple[str, bool]:
-    """(task, right?): the bundled task's checker where the question is one, else exact match."""
+def _last_user(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def _call(call: dict) -> tuple[str, object]:
+    """(function name, arguments as data) of an OpenAI-layout tool call: what must match."""
+    return call["function"]["name"], json.loads(call["function"]["arguments"])
+
+
+def score(user: str, reference: str, answer: str, task: str | None = None) -> tuple[str, bool]:
+    """(task, right?): the bundled task's checker where the question is one, else exact match
+    (`task` names it, e.g. tool_answer: the reply after the tool results)."""
+    if task is None:
+        try:
+            return tasks.task_of(user), tasks.check(user, answer)
+        except ValueError:
+            task = "other"
+    return task, answer.strip() == reference.strip()
+
+
+# Tokens generated for a tool-calling turn: one calculator call is 40 with its EOS, two are 79.
+TOOL_CALL_TOKENS = 128
+
+
+def score_call(ids: list[int], reference: list[tuple[str, object]], tokenizer) -> tuple[str, bool, bool]:
+    """A generated tool-calling turn (token ids, EOS cut) against the reference calls: (its text,
+    right, well-formed). Right: the [TOOL_CALLS] token, then a JSON list whose (name, arguments)
+    pairs equal the reference's, in order; the call ids are not compared (they are random).
+    Well-formed: the same, but only the function names must match (the form is learnt, the
+    arguments maybe not)."""
+    marker = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    if marker not in ids:
+        return "", False, False
+    text = tokenizer.decode(ids[ids.index(marker) + 1:], skip_special_tokens=True).strip()
     try:
-        return tasks.task_of(user), tasks.check(user, answer)
-    except ValueError:
-        return "other", answer.strip() == reference.strip()
+        made = [(c["name"], c["arguments"]) for c in json.loads(text)]
+    except (ValueError, TypeError, KeyError):
+        return text, False, False
+    expected = [tuple(r) for r in reference]
+    return text, made == expected, [name for name, _ in made] == [name for name, _ in expected]
 
 
 def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict, list[tuple[float, int]]]:
@@ -194,18 +241,30 @@ def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict,
         diffs = [pair_logps[i][0] - pair_logps[i + 1][0] for i in range(0, len(pair_logps), 2)]
         result["preference_accuracy"] = sum(d > 0 for d in diffs) / len(diffs)
         result["logp_margin"] = sum(diffs) / len(diffs)
+    per_task: dict[str, list[int]] = {}
+    samples, well_formed = [], []
     if data["prompts"]:
         completions = generate(model, [p["ids"] for p in data["prompts"]], pad, eos, cfg.eval.max_new_tokens, bs)
-        per_task: dict[str, list[int]] = {}
-        samples = []
         for prompt, ids in zip(data["prompts"], completions):
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            task, right = score(prompt["user"], prompt["reference"], answer)
+            task, right = score(prompt["user"], prompt["reference"], answer, prompt.get("task"))
             per_task.setdefault(task, []).append(int(right))
             if len(samples) < cfg.eval.show:
                 samples.append({"prompt": prompt["user"], "reference": prompt["reference"],
                                 "generation": answer, "correct": right})
-        result["task_score"] = sum(map(sum, per_task.values())) / len(data["prompts"])
+    if data["calls"]:
+        completions = generate(model, [c["ids"] for c in data["calls"]], pad, eos, TOOL_CALL_TOKENS, bs)
+        for i, (call, ids) in enumerate(zip(data["calls"], completions)):
+            text, right, formed = score_call(ids, call["reference"], tokenizer)
+            per_task.setdefault("tool_call", []).append(int(right))
+            well_formed.append(int(formed))
+            if i == 0 and cfg.eval.show:  # one tool call among the samples shown
+                samples.append({"prompt": call["user"], "reference": json.dumps(call["reference"]),
+                                "generation": text, "correct": right})
+    if well_formed:  # not a task: a call with the right names, arguments not compared
+        result["tool_call_well_formed"] = sum(well_formed) / len(well_formed)
+    if per_task:
+        result["task_score"] = sum(map(sum, per_task.values())) / sum(map(len, per_task.values()))
         result["task_scores"] = {t: sum(v) / len(v) for t, v in sorted(per_task.items())}
         result["samples"] = samples
     return result, pair_logps
@@ -300,8 +359,10 @@ def run(cfg: DictConfig) -> Path:
         if report_to:
             _log_wandb(results)
     runs.write_json(out / "results.json", results)
-    counts = {"chats": len(data["loss"]), "prompts": len(data["prompts"]), "pairs": len(data["pairs"]) // 2}
-    print(f"eval: {counts['prompts']} held-out prompts, {counts['pairs']} held-out pairs "
+    counts = {"chats": len(data["loss"]), "prompts": len(data["prompts"]), "tool_calls": len(data["calls"]),
+              "pairs": len(data["pairs"]) // 2}
+    calls = f", {counts['tool_calls']} tool calls" if counts["tool_calls"] else ""
+    print(f"eval: {counts['prompts']} held-out prompts{calls}, {counts['pairs']} held-out pairs "
           f"({runtime:.1f}s; {out / 'results.json'})")
     print(table(results))
     card_path = card.write_card(cfg, results, table(results))
