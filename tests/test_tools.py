@@ -482,3 +482,20 @@ def torch_stub():
         def eval(self):
             return self
     return Model()
+
+
+def test_eval_of_a_chat_ending_on_a_call_probes_the_call_only(tmp_path):
+    """A held-out chat whose last turn is a tool call has no reply to compare: its calls are the
+    probe, not an empty last reply."""
+    from mistral_tune.config import compose
+    from mistral_tune.formats.chat_format import ChatFormat
+    from mistral_tune.runs import RunDir
+    from mistral_tune.stages import data, evaluate
+
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"tools": [CALC], "messages": [u("What is 2 + 3?"), calls(call("a1b2c3d4e", "calculator", '{"expression": "2 + 3"}'))]}) + "\n")
+    cfg = compose([f"run_dir={tmp_path / 'run'}", "template=mistral_v3", f"eval.files=[{path}]", "eval.pref_files=[]"])
+    data.fix_chat_format(cfg, RunDir.of(cfg))
+    held = evaluate.load_eval_data(cfg, ChatFormat.load(RunDir.of(cfg), "test"))
+    assert held["prompts"] == [] and [c["reference"] for c in held["calls"]] == [[("calculator", {"expression": "2 + 3"})]]
+    assert held["calls"][0]["user"] == "What is 2 + 3?"

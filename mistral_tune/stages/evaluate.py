@@ -102,8 +102,8 @@ def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
             if m["role"] == "assistant" and m.get("tool_calls"):
                 calls.append({"ids": fmt.encode_prompt(messages[:i]), "user": _last_user(messages[:i]),
                               "reference": [_call(c) for c in m["tool_calls"]]})
-        if chat_kind == "held_out":
-            continue
+        if chat_kind == "held_out" or messages[-1].get("tool_calls"):
+            continue  # a chat that ends on a call: its calls are probed above
         prompt = messages[:-1]  # up to the last user turn (or tool result), earlier replies the reference ones
         prompts.append({"ids": fmt.encode_prompt(prompt), "user": _last_user(prompt),
                         "reference": messages[-1]["content"],
