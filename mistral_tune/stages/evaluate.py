@@ -221,8 +221,7 @@ def score_call(ids: list[int], reference: list[tuple[str, object]], tokenizer) -
         made = [(c["name"], c["arguments"]) for c in json.loads(text)]
     except (ValueError, TypeError, KeyError):
         return text, False, False
-    expected = [tuple(r) for r in reference]
-    return text, made == expected, [name for name, _ in made] == [name for name, _ in expected]
+    return text, made == reference, [name for name, _ in made] == [name for name, _ in reference]
 
 
 def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict, list[tuple[float, int]]]:
