@@ -136,3 +136,67 @@ def test_sliding_window_exact_at_the_boundary(packed):
         inside[p - window + 1] = (seq[p - window + 1] + 7) % 500 + 3
         torch.testing.assert_close(logits_at(outside, p), base)
         assert not torch.allclose(logits_at(inside, p), base)
+
+
+def padded_batch(rows, left: bool):
+    """A DPO-style padded batch: labels -100 on the prompt and on the pads (right or left)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids, mask, labels = [], [], []
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        side = (lambda real, fill: [fill] * pad + real) if left else (lambda real, fill: real + [fill] * pad)
+        ids.append(side(r["input_ids"], PAD))
+        mask.append(side([1] * len(r["input_ids"]), 0))
+        labels.append(side(r["labels"], -100))
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_packing_of_trl_head_equals_padded_call(left):
+    """add_packing (TRL's head on CUDA, DPO's padded batches run padding-free) gives every field,
+    the loss and the gradients of the padded call; the window matters (rows 12-30, window 8)."""
+    from mistral_tune.training.lean import add_packing
+
+    model = tiny_mistral(sliding_window=8)
+    rows = random_examples(6, seed=2)
+    batch = padded_batch(rows, left)
+
+    def run(packed):
+        m = copy.deepcopy(model)
+        add_fused_lm_head(m, outputs=FIELDS)
+        if packed:
+            add_packing(m)
+        seen = []
+        m.model.register_forward_hook(lambda mod, inp, kw, out: seen.append(kw["input_ids"].shape), with_kwargs=True)
+        out = m(**batch, fused_lm_head=True)
+        m.zero_grad()
+        (out.log_probs.sum(1) * torch.arange(1.0, 7.0)).sum().backward()  # per-row weights, as DPO's loss has
+        return out, {n: p.grad.clone() for n, p in m.named_parameters()}, seen
+
+    ref, ref_grads, ref_seen = run(packed=False)
+    got, got_grads, got_seen = run(packed=True)
+    assert ref_seen == [batch["input_ids"].shape]
+    assert got_seen == [torch.Size([1, int(batch["attention_mask"].sum())])]  # the pads never ran
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert got.log_probs.shape == ref.log_probs.shape == (6, batch["input_ids"].shape[1] - 1)
+    assert torch.equal(got.label_mask, ref.label_mask)
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-4, atol=1e-5, msg=field)
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packing_leaves_other_calls_alone():
+    from mistral_tune.training.lean import add_packing
+
+    model = tiny_mistral()
+    add_fused_lm_head(model)
+    add_packing(model)
+    rows = random_examples(3)
+    full = batch_of(rows, padding_free=True)  # no attention mask: already padding-free
+    seen = []
+    model.model.register_forward_hook(lambda mod, inp, kw, out: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    model(**full, fused_lm_head=True)
+    assert seen == [full["input_ids"].shape]
+    ids = torch.tensor([rows[0]["input_ids"]])
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (1, ids.shape[1], 512)

@@ -141,3 +141,19 @@ def test_orpo_prompt_extraction_and_chat_template_leave_pretokenized_rows_alone(
     row = {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 2]}
     assert maybe_extract_prompt(dict(row)) == row
     assert maybe_apply_chat_template(dict(row), build_hf_tokenizer("mistral_v1")) == row
+
+
+@pytest.mark.parametrize("attn,packed", [("flex_attention", True), ("flash_attention_2", True), ("sdpa", False)])
+def test_where_trls_tiled_head_stays_padded_batches_are_packed_for_packed_attention(monkeypatch, attn, packed):
+    """On a Triton device (mocked here) TRL's head stays, and padded batches (DPO) run padding-free
+    through it when the attention kernel's cost follows the sequences (flex, FlashAttention);
+    with SDPA a packed row would carry a dense mask, so the batch stays padded."""
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    model = tiny_mistral()
+    model.config._attn_implementation = attn
+    with trainers.lean_heads(dpo_trainer):
+        dpo_trainer.add_fused_lm_head(model)
+    assert not is_lean(model)
+    assert getattr(model.forward, "packed", False) is packed

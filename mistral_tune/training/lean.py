@@ -125,6 +125,46 @@ def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",), temperatu
     model.forward = types.MethodType(forward, model)
 
 
+def add_packing(model) -> None:
+    """Make a fused-head forward (TRL's Triton head) padding-free for padded batches.
+
+    TRL 1.16's DPOTrainer pads every batch (its `padding_free` "falls back to standard padding"),
+    so on CUDA, where TRL's tiled head stays, every pad token ran through every layer. This wraps
+    `model.forward`: a `fused_lm_head=True` call with a 2-D attention mask that has pads runs the
+    real tokens as one packed row (positions restarting per sequence: transformers then builds
+    the per-sequence causal, sliding-window mask, as `packed_backbone` does for the lean head),
+    with the labels shifted inside each row first (`shift_labels`, so no sequence is scored on
+    the next one's first token), and every per-token field is scattered back to the padded
+    [B, L-1] layout the trainer reads. Other calls (no pads, generation, positional inputs) go
+    to the forward unchanged. tests/test_lean.py compares fields and gradients with the padded call."""
+    fused_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
+        attention_mask = kwargs.get("attention_mask")
+        if (not fused_lm_head or args or shift_labels is not None or labels is None or attention_mask is None
+                or attention_mask.dim() != 2 or attention_mask.all() or "input_ids" not in kwargs):
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                                 **kwargs)
+        keep = kwargs.pop("attention_mask").bool()
+        input_ids = kwargs.pop("input_ids")
+        kwargs.pop("position_ids", None)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(~keep, -100)
+        out = fused_forward(input_ids=input_ids[keep][None], position_ids=(keep.long().cumsum(1) - 1)[keep][None],
+                            shift_labels=shifted[keep][None], fused_lm_head=True, **kwargs)
+
+        def padded(x):  # [1, N] over the real tokens -> [B, L-1], zeros at pads as TRL's head gives
+            return None if x is None else x.new_zeros(keep.shape).masked_scatter(keep, x[0])[:, :-1]
+
+        return FusedCausalLMOutput(
+            loss=out.loss, log_probs=padded(out.log_probs), entropy=padded(out.entropy),
+            log_sum_sq_probs=padded(out.log_sum_sq_probs), mean_logits=padded(out.mean_logits),
+            is_top1=padded(out.is_top1), label_mask=padded(out.label_mask), aux_loss=out.aux_loss,
+        )
+
+    forward.packed = True
+    model.forward = types.MethodType(forward, model)
+
+
 def is_lean(model) -> bool:
     """Whether `model` (or the base model under a PEFT wrapper) carries the lean head."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

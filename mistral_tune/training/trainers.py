@@ -106,6 +106,12 @@ def check_internal(internal: Internal) -> None:
                            f"mistral_tune uses it: {internal.why}")
 
 
+# Attention kernels whose cost follows the sequences, not the packed row: a padding-free batch is
+# cheaper than the padded one (SDPA gets a dense [N, N] mask for a packed row: only on CPU is that
+# still the faster choice, where the lean head packs regardless).
+PACKED_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 @contextlib.contextmanager
 def lean_heads(*trl_modules):
     """While a TRL trainer is constructed, make the `add_fused_lm_head` of `trl_modules` add the
@@ -115,15 +121,18 @@ def lean_heads(*trl_modules):
     `cast_lm_head_to_fp32` are passed on; an argument the lean head does not know is an error."""
     from trl.trainer.utils import _use_triton
 
-    from mistral_tune.training.lean import add_lean_lm_head, lean_head_supports
+    from mistral_tune.training.lean import add_lean_lm_head, add_packing, lean_head_supports
 
     originals = {m: m.add_fused_lm_head for m in trl_modules}
     trl_head = originals[trl_modules[0]]
 
     def choose(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
         if _use_triton(next(model.parameters()).device) or not lean_head_supports(model):
-            return trl_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
-        return add_lean_lm_head(model, outputs, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+            trl_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
+            if getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTION:
+                add_packing(model)  # padded (DPO) batches run padding-free; SDPA would pay for the whole pack
+            return
+        add_lean_lm_head(model, outputs, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
 
     for m in trl_modules:
         m.add_fused_lm_head = choose
