@@ -37,22 +37,50 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# name -> (stage, side, peft, extra overrides). The TRL row of each mode is its baseline.
+# name -> (stage, side, peft, extra overrides). "<mode>/trl" is what a plain TRL user gets: TRL's
+# trainer on a model loaded as transformers loads it (SDPA attention), batches padded.
+SDPA = "model.attn_implementation=sdpa"
+PLAIN = [SDPA, "use_liger_kernel=false"]  # mistral_tune turns Liger on where it runs; TRL does not
 CONFIGS = {
-    "sft/trl": ("sft", "trl", "none", ["sft.trainer.padding_free=false"]),
-    "sft/trl padding_free": ("sft", "trl", "none", ["sft.trainer.padding_free=true"]),
+    "sft/trl": ("sft", "trl", "none", ["sft.trainer.padding_free=false", *PLAIN]),
+    "sft/trl padding_free": ("sft", "trl", "none", ["sft.trainer.padding_free=true", *PLAIN]),
     "sft/mistral_tune": ("sft", "mistral_tune", "none", []),
-    "dpo-full/trl": ("dpo", "trl", "none", []),
+    "dpo-full/trl": ("dpo", "trl", "none", PLAIN),
     "dpo-full/mistral_tune": ("dpo", "mistral_tune", "none", []),
-    "dpo-lora/trl": ("dpo", "trl", "lora", []),
+    "dpo-lora/trl": ("dpo", "trl", "lora", PLAIN),
     "dpo-lora/mistral_tune": ("dpo", "mistral_tune", "lora", []),
     # not in the default run (--configs all): reference log-probs computed before training, and (full)
     # no reference model kept: the dpo.py change proposed with `precompute_ref_log_probs: true`
     "dpo-full/mistral_tune precompute": ("dpo", "mistral_tune", "none", ["++dpo.trainer.precompute_ref_log_probs=true"]),
     "dpo-lora/mistral_tune precompute": ("dpo", "mistral_tune", "lora", ["++dpo.trainer.precompute_ref_log_probs=true"]),
 }
-DEFAULT_CONFIGS = [name for name in CONFIGS if "precompute" not in name]
-BASELINE = {"sft": "sft/trl padding_free", "dpo-full": "dpo-full/trl", "dpo-lora": "dpo-lora/trl"}
+# CUDA only (flex_attention trains only on CUDA in torch 2.13; Liger's kernels are Triton). "best":
+# the fastest TRL has to offer there: flex_attention's block mask, padding-free where TRL 1.16
+# supports it (SFT; its DPO padding_free "falls back to standard padding"), Liger's layer kernels.
+FLEX_LIGER = ["model.attn_implementation=flex_attention", "use_liger_kernel=true"]
+GPU_CONFIGS = {
+    "sft/trl best": ("sft", "trl", "none", ["sft.trainer.padding_free=true", *FLEX_LIGER]),
+    "sft/mistral_tune no liger": ("sft", "mistral_tune", "none", ["sft.trainer.use_liger_kernel=false"]),
+    "dpo-full/trl best": ("dpo", "trl", "none", FLEX_LIGER),
+    "dpo-lora/trl best": ("dpo", "trl", "lora", FLEX_LIGER),
+    # LoRA SFT, for the 7B shape (--shape mistral-7b)
+    "sft-lora/trl": ("sft", "trl", "lora", ["sft.trainer.padding_free=false", *PLAIN]),
+    "sft-lora/trl best": ("sft", "trl", "lora", ["sft.trainer.padding_free=true", *FLEX_LIGER]),
+    "sft-lora/mistral_tune": ("sft", "mistral_tune", "lora", []),
+}
+CONFIGS.update(GPU_CONFIGS)
+DEFAULT_CONFIGS = [name for name in CONFIGS if "precompute" not in name and name not in GPU_CONFIGS]
+DEFAULT_GPU_CONFIGS = ["sft/trl", "sft/trl best", "sft/mistral_tune", "sft/mistral_tune no liger", "dpo-full/trl",
+                       "dpo-full/trl best", "dpo-full/mistral_tune", "dpo-lora/trl", "dpo-lora/trl best",
+                       "dpo-lora/mistral_tune"]
+# Mistral-7B's layer shape (v0.1: 32 heads of 128, 8 KV heads, window 4096), --layers of them
+SHAPES = {"mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=128, sliding_window=4096, max_position_embeddings=32768)}
+
+
+def stage_overrides(stage: str, extra: list[str]) -> list[str]:
+    """`use_liger_kernel=...` in a configuration is a trainer argument of its own stage."""
+    return [f"{stage}.trainer.{o}" if o.startswith("use_liger_kernel=") else o for o in extra]
 
 
 def parse_args(argv=None):
@@ -68,8 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--dpo-batch-size", type=int, default=8, help="DPO pairs per step")
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help=f"comma-separated subset, or 'all'; known: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated subset, or 'all' (default: {', '.join(DEFAULT_CONFIGS)}; on CUDA "
+                        f"{', '.join(DEFAULT_GPU_CONFIGS)}); known: {', '.join(CONFIGS)}")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="a real model's layer shape (--layers of them) instead of --hidden-size's tiny one")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker (default: torch's)")
     p.add_argument("--set", action="append", default=[], metavar="OVERRIDE",
                    help="extra Hydra override for every configuration, e.g. --set +sft.trainer.group_by_length=true")
@@ -79,6 +110,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.warmup >= min(args.steps, args.dpo_steps):
         p.error("--warmup must be smaller than --steps and --dpo-steps")
+    if args.configs is None:
+        import torch
+
+        args.configs = ",".join(DEFAULT_GPU_CONFIGS if torch.cuda.is_available() else DEFAULT_CONFIGS)
     args.configs = list(CONFIGS) if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -87,7 +122,8 @@ def parse_args(argv=None):
 
 
 def model_dir(args) -> Path:
-    return Path(args.workdir) / f"h{args.hidden_size}-l{args.layers}-seed{args.seed}"
+    shape = args.shape or f"h{args.hidden_size}"
+    return Path(args.workdir) / f"{shape}-l{args.layers}-seed{args.seed}"
 
 
 def overrides(args, extra: list[str] = ()) -> list[str]:
@@ -97,10 +133,12 @@ def overrides(args, extra: list[str] = ()) -> list[str]:
     out = [
         f"run_dir={model_dir(args)}", "logger=none", "force=true", f"seed={args.seed}",
         f"sft.data.files=[{Path(args.sft_data).resolve()}]", f"dpo.data.files=[{Path(args.dpo_data).resolve()}]",
-        f"model.init_seed={args.seed}", f"model.config.hidden_size={h}", f"model.config.num_hidden_layers={args.layers}",
-        f"model.config.intermediate_size={3 * h}", f"model.config.num_attention_heads={heads}",
-        f"model.config.num_key_value_heads={max(1, heads // 2)}", "model.config.head_dim=32",
+        f"model.init_seed={args.seed}", f"model.config.num_hidden_layers={args.layers}",
     ]
+    shape = SHAPES[args.shape] if args.shape else dict(
+        hidden_size=h, intermediate_size=3 * h, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        head_dim=32)
+    out += [f"model.config.{k}={v}" for k, v in shape.items()]
     if args.max_length:
         out += [f"sft.data.max_length={args.max_length}", f"dpo.data.max_length={args.max_length}"]
     for stage, steps, batch in (("sft", args.steps, args.batch_size), ("dpo", args.dpo_steps, args.dpo_batch_size)):
@@ -177,33 +215,58 @@ def run_worker(args, name: str, argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not result_file.exists():
+        # one failed configuration (a kernel missing on this machine, out of memory) must not cost the others
         tail = "\n".join(proc.stdout.splitlines()[-25:])
-        raise SystemExit(f"bench: configuration {name!r} failed (exit {proc.returncode}):\n{tail}")
+        print(f"bench: configuration {name!r} failed (exit {proc.returncode}):\n{tail}", flush=True)
+        last = next((line for line in reversed(proc.stdout.splitlines()) if line.strip()), "")
+        return {"stage": CONFIGS[name][0], "side": CONFIGS[name][1], "failed": f"exit {proc.returncode}: {last[:120]}"}
     result = json.loads(result_file.read_text())
     result["wall_s"] = round(time.perf_counter() - t, 1)
     return result
 
 
+def rate_key(r: dict) -> str:
+    return "pairs_per_s" if r["stage"] == "dpo" else "tokens_per_s"
+
+
+def memory_mb(r: dict) -> float:
+    """Peak GPU memory on CUDA (what limits a GPU run), else the worker's peak RSS."""
+    return r.get("peak_cuda_mb") or r["peak_rss_mb"]
+
+
 def add_derived(results: dict, peak: dict) -> None:
+    """MFU; speed against TRL's default row of the mode (`<mode>/trl`: padded, SDPA) and against TRL's
+    best, the fastest TRL row of the mode in this run; memory against that best row."""
     for name, r in results.items():
+        if "failed" in r:
+            continue
+        mode = name.split("/")[0]
         r["mfu"] = r["model_flops_per_s"] / peak["flops"]
-        base = results.get(BASELINE[name.split("/")[0]])
-        rate = "pairs_per_s" if r["stage"] == "dpo" else "tokens_per_s"
-        if base:
-            r["speedup"] = r[rate] / base[rate]
-            r["rss_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        trl = {n: x for n, x in results.items() if n.split("/")[0] == mode and x.get("side") == "trl"
+               and "failed" not in x}
+        if f"{mode}/trl" in trl:
+            r["speedup_default"] = r[rate_key(r)] / trl[f"{mode}/trl"][rate_key(r)]
+        if trl:
+            best = max(trl, key=lambda n: trl[n][rate_key(trl[n])])
+            r["trl_best"] = best
+            r["speedup"] = r[rate_key(r)] / trl[best][rate_key(r)]
+            r["rss_ratio"] = memory_mb(r) / memory_mb(trl[best])
 
 
 def table(results: dict) -> str:
-    head = ("| configuration | non-pad tokens/s | pairs/s | step time (s) | peak RSS (MB) | MFU | "
-            "speedup vs TRL | RSS vs TRL | setup (s) |")
-    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    cuda = any("peak_cuda_mb" in r for r in results.values())
+    memory = "peak GPU memory (MB)" if cuda else "peak RSS (MB)"
+    head = (f"| configuration | non-pad tokens/s | pairs/s | step time (s) | {memory} | MFU | "
+            "speed vs TRL default | speed vs TRL best | memory vs TRL best | setup (s) |")
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for name, r in results.items():
+        if "failed" in r:
+            lines.append(f"| {name} | failed: {r['failed']} |  |  |  |  |  |  |  |  |")
+            continue
         pairs = f"{r['pairs_per_s']:.2f}" if r["stage"] == "dpo" else ""
-        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        rss = f"{r['rss_ratio']:.2f}x" if "rss_ratio" in r else ""
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {pairs} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
-                     f"{100 * r['mfu']:.1f}% | {speed} | {rss} | {r['setup_s']:.1f} |")
+        cells = [f"{r[k]:.2f}x" if k in r else "" for k in ("speedup_default", "speedup", "rss_ratio")]
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {pairs} | {r['step_s']:.3f} | {memory_mb(r):.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {' | '.join(cells)} | {r['setup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -222,6 +285,8 @@ def main(argv=None) -> dict:
     for name in args.configs:
         results[name] = run_worker(args, name, raw)
         r = results[name]
+        if "failed" in r:
+            continue
         print(f"bench: {name}: {r['tokens_per_s']:.0f} non-pad tokens/s"
               + (f", {r['pairs_per_s']:.2f} pairs/s" if r["stage"] == "dpo" else "")
               + f", {r['step_s']:.3f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB ({r['wall_s']:.0f} s)", flush=True)
@@ -236,7 +301,8 @@ def main(argv=None) -> dict:
         f"transformers {info['transformers']}, trl {info['trl']}; {info['date']}; load average at start "
         f"{info['load_average'][0]:.1f}.",
         f"GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']}, {peak['threads']} threads).",
-        f"Model: Mistral architecture, hidden {args.hidden_size}, {args.layers} layers, vocab 32000, seed "
+        f"Model: Mistral architecture, {f'{args.shape} layer shape' if args.shape else f'hidden {args.hidden_size}'}, "
+        f"{args.layers} layers, vocab 32000, seed "
         f"{args.seed}; SFT {args.steps} steps x {args.batch_size} rows, DPO {args.dpo_steps} steps x "
         f"{args.dpo_batch_size} pairs; first {args.warmup} steps not timed"
         + (f"; extra overrides {args.set}" if args.set else "") + (f"; {args.threads} threads" if args.threads else "")
@@ -252,7 +318,10 @@ def main(argv=None) -> dict:
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": info, "gemm_peak": peak, "args": {k: v for k, v in vars(args).items()},
          "results": results}, indent=2) + "\n")
+    failed = [n for n, r in results.items() if "failed" in r]
     print("\n" + text + "\n\n" + "\n".join(notes))
+    if failed:
+        print(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)}")
     print(f"bench: wrote {out.with_suffix('.md')} and .json in {time.perf_counter() - t0:.0f} s")
     return results
 
@@ -289,7 +358,7 @@ def worker(args, name: str) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     stage, side, peft, extra = CONFIGS[name]
-    cfg = compose(overrides(args, [f"peft={peft}", *extra]))
+    cfg = compose(overrides(args, [f"peft={peft}", *stage_overrides(stage, extra)]))
     run_dir = RunDir.of(cfg)
     out = Path(args.workdir) / "scratch" / name.replace("/", "_").replace(" ", "_")
     tokenizer = load_tokenizer(run_dir.tokenizer)
@@ -313,7 +382,7 @@ def worker(args, name: str) -> dict:
                              processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
     else:
         if side == "mistral_tune":  # the dpo stage's reference choice (the bench's policy is the base)
-            ref, _ = dpo_reference(cfg, peft, lambda: load_model(str(run_dir / "base"), cfg))
+            ref, _ = dpo_reference(cfg, peft, lambda: load_model(str(run_dir.base), cfg))
             trainer = build_dpo_trainer(cfg, model, ref, tokenizer, ours, out, [], peft_config=peft_config,
                                         callbacks=[Clock()])
         else:  # TRL's default: it loads the reference itself (full) or disables the adapter (LoRA)
@@ -359,4 +428,5 @@ def worker(args, name: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    done = main()  # a worker's own result, or the parent's results by configuration
+    sys.exit(1 if "stage" not in done and any("failed" in r for r in done.values()) else 0)

@@ -17,12 +17,12 @@ from mistral_tune.training import modeling
 from tests.helpers import tiny_mistral
 
 
-def _pick(monkeypatch, cuda: bool, flash_attn: bool, choice: str = "auto") -> str:
+def _pick(monkeypatch, cuda: bool, flash_attn: bool, choice: str = "auto", inference: bool = False) -> str:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if flash_attn else None) if name == "flash_attn" else real(name, *a))
-    return modeling.resolve_attn(compose([f"model.attn_implementation={choice}"]))
+    return modeling.resolve_attn(compose([f"model.attn_implementation={choice}"]), inference)
 
 
 def test_auto_picks_varlen_or_block_sparse_kernels_on_cuda_and_sdpa_on_cpu(monkeypatch):
@@ -30,6 +30,10 @@ def test_auto_picks_varlen_or_block_sparse_kernels_on_cuda_and_sdpa_on_cpu(monke
     assert _pick(monkeypatch, cuda=True, flash_attn=False) == "flex_attention"  # never packed SDPA on a GPU
     assert _pick(monkeypatch, cuda=False, flash_attn=True) == "sdpa"
     assert _pick(monkeypatch, cuda=False, flash_attn=False, choice="eager") == "eager"  # an explicit choice stays
+    # eval, sampling, merge: padded batches and generation, where flex_attention would recompile per length
+    assert _pick(monkeypatch, cuda=True, flash_attn=False, inference=True) == "sdpa"
+    assert _pick(monkeypatch, cuda=True, flash_attn=True, inference=True) == "flash_attention_2"
+    assert _pick(monkeypatch, cuda=True, flash_attn=False, choice="flex_attention", inference=True) == "flex_attention"
     with pytest.raises(UserError, match="needs CUDA and the flash-attn package"):
         _pick(monkeypatch, cuda=False, flash_attn=False, choice="flash_attention_2")
 
@@ -57,3 +61,23 @@ def test_flex_attention_packed_rows_equal_per_row_runs_with_the_window():
     with torch.no_grad():
         no_window = model(a, use_cache=False).logits[0]
     assert (no_window[8:] - alone_a[8:]).abs().max() > 1e-3 and (no_window[:8] - alone_a[:8]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cuda,installed,expect", [(True, True, True), (True, False, False), (False, True, False)])
+def test_liger_kernels_on_by_default_only_where_they_run(monkeypatch, cuda, installed, expect):
+    """Liger's kernels are Triton: on by default with CUDA and liger-kernel installed, never on CPU."""
+    from trl import DPOConfig, SFTConfig
+
+    from mistral_tune.training import trainers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "liger_kernel" else real(name, *a))
+    assert trainers.liger_usable() is expect
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # build the TRL configs on this CPU
+    monkeypatch.setattr(trainers, "liger_usable", lambda: expect)
+    for stage, config_cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
+        assert trainers.trl_args(compose(["logger=none"]), stage, config_cls, "/tmp/x", []).use_liger_kernel is expect
+        off = compose(["logger=none", f"{stage}.trainer.use_liger_kernel=false"])
+        assert trainers.trl_args(off, stage, config_cls, "/tmp/x", []).use_liger_kernel is False  # the user's word

@@ -349,7 +349,7 @@ def run(cfg: DictConfig) -> Path:
     results, logps = {}, {}
     with tracking.tracked(cfg, "eval") as report_to:
         for name, ref in refs.items():
-            model = load_policy(cfg, ref).to(_device())
+            model = load_policy(cfg, ref, inference=True).to(_device())
             results[name], logps[name] = evaluate_model(model, data, tokenizer, cfg)
             results[name]["model"] = ref
             del model

@@ -59,7 +59,7 @@ def merge_chain(cfg: DictConfig, model_ref: dict, batch: torch.Tensor, dtype: to
     from peft import PeftModel
 
     adapters = model_ref.get("adapters", [])
-    model = load_policy(cfg, {"base": model_ref["base"], "adapters": adapters[:-1]}, dtype=dtype)
+    model = load_policy(cfg, {"base": model_ref["base"], "adapters": adapters[:-1]}, dtype=dtype, inference=True)
     if not adapters:
         return model, 0.0
     peft_model = PeftModel.from_pretrained(model, adapters[-1])

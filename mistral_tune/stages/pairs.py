@@ -333,7 +333,7 @@ def run(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     prompts, counts = load_prompts(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_policy(cfg, start).to(device)
+    model = load_policy(cfg, start, inference=True).to(device)
 
     def work(shard, rank):
         encoded = [fmt.encode_prompt(q["messages"]) for q in shard]

@@ -44,7 +44,7 @@ def resolve_dtype(cfg: DictConfig) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_attn(cfg: DictConfig) -> str:
+def resolve_attn(cfg: DictConfig, inference: bool = False) -> str:
     """The attention kernel. `auto`: FlashAttention-2 (varlen) on CUDA when flash-attn is installed;
     else flex_attention on CUDA; SDPA on CPU.
 
@@ -55,12 +55,15 @@ def resolve_attn(cfg: DictConfig) -> str:
     packed batch through flex_attention's block mask (blocks between sequences and outside the
     window skipped) ran 5.6x faster than packed SDPA. FlashAttention-2 takes the packed row as
     varlen sequences and the window from config.sliding_window. On CPU, flex_attention is
-    forward-only in torch 2.13, so SDPA stays the CPU path."""
+    forward-only in torch 2.13, so SDPA stays the CPU path.
+
+    `inference` (eval, pairs sampling, merge): padded batches and generation, nothing packed, so
+    `auto` skips flex_attention there: its compiled kernel would recompile as the KV cache grows."""
     name = cfg.model.attn_implementation
     cuda = torch.cuda.is_available()
     has_fa2 = importlib.util.find_spec("flash_attn") is not None
     if name == "auto":
-        return "flash_attention_2" if cuda and has_fa2 else "flex_attention" if cuda else "sdpa"
+        return "flash_attention_2" if cuda and has_fa2 else "flex_attention" if cuda and not inference else "sdpa"
     if name == "flash_attention_2" and not (cuda and has_fa2):
         raise UserError(
             "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package",
@@ -108,12 +111,13 @@ def ensure_base(cfg: DictConfig, tokenizer) -> str:
     return str(base)
 
 
-def load_model(path: str, cfg: DictConfig, quantize: bool = False, dtype: torch.dtype | None = None):
+def load_model(path: str, cfg: DictConfig, quantize: bool = False, dtype: torch.dtype | None = None,
+               inference: bool = False):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(
         dtype=dtype or resolve_dtype(cfg),
-        attn_implementation=resolve_attn(cfg),  # metrics.json records the choice
+        attn_implementation=resolve_attn(cfg, inference),  # metrics.json records the choice
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,  # never unpickle weights
     )
@@ -163,14 +167,15 @@ def lora_config(cfg: DictConfig, stage: str | None = None):
     )
 
 
-def load_policy(cfg: DictConfig, model_ref: dict, dtype: torch.dtype | None = None):
-    """A base model with every adapter of the chain merged in, in full precision.
+def load_policy(cfg: DictConfig, model_ref: dict, dtype: torch.dtype | None = None, inference: bool = False):
+    """A base model with every adapter of the chain merged in, in full precision (`inference`: for
+    eval, sampling or merging, see resolve_attn).
 
     Merging goes into full-precision weights, never into 4-bit ones (merged QLoRA models lose
     quality when the adapter is folded into quantised weights)."""
     from peft import PeftModel
 
-    model = load_model(model_ref["base"], cfg, dtype=dtype)
+    model = load_model(model_ref["base"], cfg, dtype=dtype, inference=inference)
     for adapter in model_ref.get("adapters", []):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model

@@ -305,6 +305,16 @@ def check_ignored_options(stage: str, kwargs: dict) -> None:
             )
 
 
+LIGER_STAGES = ("sft", "dpo")  # TRL's SFT and DPO trainers apply Liger's layer kernels to the model
+
+
+def liger_usable() -> bool:
+    """Liger's kernels are Triton: CUDA and the liger-kernel package (pip install -e '.[gpu]')."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list[str]):
     """Build TRL's SFTConfig/DPOConfig/ORPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
     kwargs = trainer_kwargs(cfg[stage].trainer)
@@ -325,6 +335,11 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
     dtype = resolve_dtype(cfg)
     kwargs.setdefault("bf16", dtype == torch.bfloat16)
     kwargs.setdefault("fp16", dtype == torch.float16)
+    if stage in LIGER_STAGES and "use_liger_kernel" not in kwargs and liger_usable():
+        # Liger's RMSNorm, SwiGLU and RoPE Triton kernels (TRL 1.16 keeps its own fused LM head, so
+        # Liger's fused cross-entropy is off): on by default where they run; <stage>.trainer.
+        # use_liger_kernel=false turns them off. bench/results/gpu.md measures both.
+        kwargs["use_liger_kernel"] = True
     if not torch.cuda.is_available():
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             # accelerate 1.15 makes FSDP only out of a GPU process group (state.py: the FSDP branch is
@@ -431,8 +446,9 @@ def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_
         runtime = time.perf_counter() - start
         trainer.save_model(str(out))
     metrics = write_metrics(out, trainer, result, runtime, extra_metrics)
-    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s (%s attention)", stage, result.global_step,
-             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0, metrics["attn_implementation"])
+    log.info("%s: %d steps, train loss %.4f, %.0f tokens/s (%s attention%s)", stage, result.global_step,
+             metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0, metrics["attn_implementation"],
+             ", Liger kernels" if metrics["liger_kernel"] else "")
     return trainer, metrics
 
 
@@ -450,6 +466,7 @@ def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict 
         "global_step": train_output.global_step,
         "world_size": trainer.args.world_size,  # processes that trained (launcher.num_processes)
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
+        "liger_kernel": bool(getattr(trainer.args, "use_liger_kernel", False)),
         **(extra or {}),
     }
     if torch.cuda.is_available():
