@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # The GPU measurements behind bench/results/gpu.md, on one H100/H200 with no network. From the project root,
 # after `bash ../shared/gpu/make_wheels.sh` (wheels of the pinned packages in .gpu/whl; tools in .gpu/tools):
-#     OUT=/some/dir PARTS=ab bash bench/gpu.sh     # install, exactness check, bench at hidden 2048 x 8 layers
-#     OUT=/some/dir PARTS=cd bash bench/gpu.sh     # bench at Mistral-7B's layer shape (4 layers, 4k rows), pipeline
+#     OUT=/some/dir bash bench/gpu.sh      (about 9.5 minutes on an H100; PARTS=bcd picks parts, BUDGET= caps it in s)
 # a  install .gpu/whl into /tmp/site (skipped when /tmp/site already has trl), versions
 # b  bench/gpu_exact.py (CUDA path vs plain: loss and gradients), then bench/run.py at hidden 2048 x 8 layers on
 #    360-1930-token chats, every GPU configuration (TRL default, TRL best, mistral_tune with and without Liger)
 # c  bench/run.py --shape mistral-7b --layers 4, LoRA SFT on 2000-4000-token chats, batch 4
-# d  the default pipeline (`mistral-tune pipeline`) on the GPU: dtype, attention and Liger the stages used
+# d  the default pipeline (`mistral-tune pipeline`), shortened, on the GPU: dtype, attention and Liger the stages used
 # Every part has its own timeout, cut to what is left of BUDGET (s). DRY=1: CPU dry run at tiny sizes.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
     TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 PROJ="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; G="$PROJ/.gpu"
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
-DRY="${DRY:-0}"; PY="${PY:-python3}"; SITE="${SITE:-/tmp/site}"; BUDGET="${BUDGET:-480}"; PARTS="${PARTS:-abcd}"
+DRY="${DRY:-0}"; PY="${PY:-python3}"; SITE="${SITE:-/tmp/site}"; BUDGET="${BUDGET:-575}"; PARTS="${PARTS:-abcd}"
 T=/tmp/mt_gpu; mkdir -p "$T"
 {
 part() { echo; echo "+++ [$(date +%T) t=${SECONDS}s] part $1"; }
@@ -44,10 +43,12 @@ if [ "$DRY" = 1 ]; then
 else
     SHAPE=(--hidden-size 2048 --layers 8 --steps 8 --dpo-steps 7 --warmup 3); GEN=(--sft-rows 160 --dpo-rows 80)
 fi
+CONFIGS="sft/trl,sft/trl best,sft/mistral_tune,sft/mistral_tune no liger,dpo-full/trl,dpo-full/trl best,dpo-full/mistral_tune,dpo-lora/trl,dpo-lora/mistral_tune"
+[ "$DRY" = 1 ] && CONFIGS="sft/trl,sft/mistral_tune,dpo-full/trl,dpo-full/mistral_tune,dpo-lora/mistral_tune"
 "$PY" "$G/tools/make_long_data.py" "$T/long" "${GEN[@]}" | tail -2
-(cd "$PROJ" && timeout -k 10 "$(left 330)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long/sft_long.jsonl" \
+(cd "$PROJ" && timeout -k 10 "$(left 290)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long/sft_long.jsonl" \
     --dpo-data "$T/long/dpo_long.jsonl" --max-length 2048 --set model.config.sliding_window=4096 \
-    --workdir "$T/work" --out "$OUT/bench" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
+    --configs "$CONFIGS" --workdir "$T/work" --out "$OUT/bench" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
 
 if want c; then
@@ -56,18 +57,19 @@ if [ "$DRY" = 1 ]; then
     SHAPE=(--hidden-size 64 --layers 1 --steps 3 --dpo-steps 3 --warmup 1 --batch-size 2)
     GEN=(--sft-rows 8 --dpo-rows 4 --min-tokens 200 --max-tokens 400); ML=512
 else
-    SHAPE=(--shape mistral-7b --layers 4 --steps 7 --dpo-steps 4 --warmup 3 --batch-size 4)
+    SHAPE=(--shape mistral-7b --layers 4 --steps 6 --dpo-steps 4 --warmup 3 --batch-size 4)
     GEN=(--sft-rows 40 --dpo-rows 8 --min-tokens 2000 --max-tokens 4000); ML=4096
 fi
 "$PY" "$G/tools/make_long_data.py" "$T/long4k" "${GEN[@]}" | tail -2
-(cd "$PROJ" && timeout -k 10 "$(left 200)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long4k/sft_long.jsonl" \
+(cd "$PROJ" && timeout -k 10 "$(left 170)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long4k/sft_long.jsonl" \
     --dpo-data "$T/long4k/dpo_long.jsonl" --max-length "$ML" --configs "sft-lora/trl,sft-lora/trl best,sft-lora/mistral_tune" \
     --workdir "$T/work7b" --out "$OUT/bench7b" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
 
 if want d; then
-part "d: the default pipeline on the GPU"
-EXTRA=(); [ "$DRY" = 1 ] && EXTRA=(sft.trainer.max_steps=3 dpo.trainer.max_steps=3 eval.max_samples=8)
+part "d: the default pipeline on the GPU, shortened (SFT 40 steps, DPO 12, eval 24 rows)"
+EXTRA=(sft.trainer.max_steps=40 dpo.trainer.max_steps=12 eval.max_samples=24)
+[ "$DRY" = 1 ] && EXTRA=(sft.trainer.max_steps=3 dpo.trainer.max_steps=3 eval.max_samples=8)
 rm -rf "$T/run"; t0=$SECONDS
 (cd "$PROJ" && timeout -k 10 "$(left 200)" "$PY" -m mistral_tune pipeline run_dir="$T/run" logger=none "${EXTRA[@]}" \
     > "$T/pipeline.log" 2>&1); echo "pipeline: exit $? in $((SECONDS - t0)) s"

@@ -270,29 +270,10 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(raw)
-    if args.worker:
-        return worker(args, args.worker)
-    t0 = time.perf_counter()
-    prepare(args)
-    peak = gemm_peak()
-    info = machine()
-    print(f"bench: {info['cpu']}, {info['cores']} cores ({info.get('gpu', 'no GPU')}); load average "
-          f"{info['load_average'][0]:.1f}; GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']})", flush=True)
-    results = {}
-    for name in args.configs:
-        results[name] = run_worker(args, name, raw)
-        r = results[name]
-        if "failed" in r:
-            continue
-        print(f"bench: {name}: {r['tokens_per_s']:.0f} non-pad tokens/s"
-              + (f", {r['pairs_per_s']:.2f} pairs/s" if r["stage"] == "dpo" else "")
-              + f", {r['step_s']:.3f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB ({r['wall_s']:.0f} s)", flush=True)
-    peak_after = gemm_peak()  # the machine may be shared: keep the better of two measurements
-    if peak_after["flops"] > peak["flops"]:
-        peak = peak_after
+def report(args, raw: list[str], info: dict, peak: dict, results: dict) -> str:
+    """Write the table and the JSON for the results so far (rewritten after every configuration, so a
+    run cut short still leaves what it measured); returns the text printed at the end."""
+    results = {n: dict(r) for n, r in results.items()}
     add_derived(results, peak)
     text = table(results)
     dpo_checks = {n: r["id_mismatches"] for n, r in results.items() if "id_mismatches" in r}
@@ -311,6 +292,9 @@ def main(argv=None) -> dict:
     if dpo_checks:
         notes.append("DPO rows whose TRL-tokenized ids differ from mistral_tune's: "
                      + ", ".join(f"{n} {v}" for n, v in dpo_checks.items()) + ".")
+    missing = [n for n in args.configs if n not in results]
+    if missing:
+        notes.append(f"Not measured yet: {', '.join(missing)}.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/run.py " + " ".join(raw)
@@ -318,11 +302,42 @@ def main(argv=None) -> dict:
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": info, "gemm_peak": peak, "args": {k: v for k, v in vars(args).items()},
          "results": results}, indent=2) + "\n")
+    return text + "\n\n" + "\n".join(notes)
+
+
+def main(argv=None) -> dict:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.worker:
+        return worker(args, args.worker)
+    t0 = time.perf_counter()
+    prepare(args)
+    peak = gemm_peak()
+    info = machine()
+    print(f"bench: {info['cpu']}, {info['cores']} cores ({info.get('gpu', 'no GPU')}); load average "
+          f"{info['load_average'][0]:.1f}; GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s ({peak['what']})", flush=True)
+    results = {}
+    for name in args.configs:
+        results[name] = run_worker(args, name, raw)
+        r = results[name]
+        report(args, raw, info, peak, results)
+        if "failed" in r:
+            continue
+        print(f"bench: {name}: {r['tokens_per_s']:.0f} non-pad tokens/s"
+              + (f", {r['pairs_per_s']:.2f} pairs/s" if r["stage"] == "dpo" else "")
+              + f", {r['step_s']:.3f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB"
+              + (f", peak GPU memory {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else "")
+              + f" ({r['wall_s']:.0f} s)", flush=True)
+    peak_after = gemm_peak()  # the machine may be shared: keep the better of two measurements
+    if peak_after["flops"] > peak["flops"]:
+        peak = peak_after
+    text = report(args, raw, info, peak, results)
+    add_derived(results, peak)
     failed = [n for n, r in results.items() if "failed" in r]
-    print("\n" + text + "\n\n" + "\n".join(notes))
+    print("\n" + text)
     if failed:
         print(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)}")
-    print(f"bench: wrote {out.with_suffix('.md')} and .json in {time.perf_counter() - t0:.0f} s")
+    print(f"bench: wrote {Path(args.out).with_suffix('.md')} and .json in {time.perf_counter() - t0:.0f} s")
     return results
 
 
