@@ -43,12 +43,12 @@ if [ "$DRY" = 1 ]; then
 else
     SHAPE=(--hidden-size 2048 --layers 8 --steps 8 --dpo-steps 7 --warmup 3); GEN=(--sft-rows 160 --dpo-rows 80)
 fi
-CONFIGS="sft/trl,sft/trl best,sft/mistral_tune,sft/mistral_tune no liger,dpo-full/trl,dpo-full/trl best,dpo-full/mistral_tune,dpo-lora/trl,dpo-lora/mistral_tune"
+CONFIGS="sft/trl,sft/trl best,sft/mistral_tune,dpo-full/trl,dpo-full/trl best,dpo-full/mistral_tune,dpo-lora/trl,dpo-lora/mistral_tune"
 [ "$DRY" = 1 ] && CONFIGS="sft/trl,sft/mistral_tune,dpo-full/trl,dpo-full/mistral_tune,dpo-lora/mistral_tune"
 "$PY" "$G/tools/make_long_data.py" "$T/long" "${GEN[@]}" | tail -2
 (cd "$PROJ" && timeout -k 10 "$(left 290)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long/sft_long.jsonl" \
     --dpo-data "$T/long/dpo_long.jsonl" --max-length 2048 --set model.config.sliding_window=4096 \
-    --configs "$CONFIGS" --workdir "$T/work" --out "$OUT/bench" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
+    --configs "$CONFIGS" --config-timeout 75 --workdir "$T/work" --out "$OUT/bench" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
 
 if want c; then
@@ -62,7 +62,7 @@ else
 fi
 "$PY" "$G/tools/make_long_data.py" "$T/long4k" "${GEN[@]}" | tail -2
 (cd "$PROJ" && timeout -k 10 "$(left 170)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long4k/sft_long.jsonl" \
-    --dpo-data "$T/long4k/dpo_long.jsonl" --max-length "$ML" --configs "sft-lora/trl,sft-lora/trl best,sft-lora/mistral_tune" \
+    --dpo-data "$T/long4k/dpo_long.jsonl" --max-length "$ML" --configs "sft-lora/trl,sft-lora/trl best,sft-lora/mistral_tune" --config-timeout 60 \
     --workdir "$T/work7b" --out "$OUT/bench7b" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
 

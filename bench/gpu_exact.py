@@ -2,9 +2,9 @@
 
     python bench/gpu_exact.py [--json OUT]
 
-mistral_tune's defaults on CUDA are flex_attention on packed rows, Liger's RMSNorm/SwiGLU/RoPE
-kernels, TRL's tiled LM head, and (DPO) padded batches run padding-free through it
-(`lean.add_packing`). None of these has a CPU training path (flex_attention is forward-only on CPU
+mistral_tune's defaults on CUDA are flex_attention on packed rows, TRL's tiled LM head, and (DPO)
+padded batches run padding-free through it (`lean.add_packing`); Liger's RMSNorm/SwiGLU/RoPE
+kernels are opt-in (`use_liger_kernel=true`) and checked too. None of these has a CPU training path (flex_attention is forward-only on CPU
 in torch 2.13, Liger and TRL's head are Triton), so tests/ cannot compare them with the plain path;
 this script does, on the GPU: the loss and every parameter's gradient of one batch, through the
 real trainers (`build_sft_trainer`, `build_dpo_trainer`; Liger applied as `Trainer.train` applies
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
         no_window = one_step(stage, "sdpa", False, False, data, tokenizer, window=None)
         window_effect = compare(plain, no_window)
         report["cases"][f"{stage}: window_effect (sdpa, window dropped)"] = window_effect
-        cases = {"flex_attention packed + Liger (the CUDA default)": ("flex_attention", True, True),
-                 "flex_attention packed": ("flex_attention", False, True),
+        cases = {"flex_attention packed (the CUDA default)": ("flex_attention", False, True),
+                 "flex_attention packed + Liger (opt-in)": ("flex_attention", True, True),
                  "sdpa packed": ("sdpa", False, True)} if cuda else {"sdpa packed (lean head)": ("sdpa", False, True)}
         for name, (attn, liger, padding_free) in cases.items():
             try:

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> (stage, side, peft, extra overrides). "<mode>/trl" is what a plain TRL user gets: TRL's
 # trainer on a model loaded as transformers loads it (SDPA attention), batches padded.
 SDPA = "model.attn_implementation=sdpa"
-PLAIN = [SDPA, "use_liger_kernel=false"]  # mistral_tune turns Liger on where it runs; TRL does not
+PLAIN = [SDPA, "use_liger_kernel=false"]
 CONFIGS = {
     "sft/trl": ("sft", "trl", "none", ["sft.trainer.padding_free=false", *PLAIN]),
     "sft/trl padding_free": ("sft", "trl", "none", ["sft.trainer.padding_free=true", *PLAIN]),
@@ -56,23 +56,26 @@ CONFIGS = {
 }
 # CUDA only (flex_attention trains only on CUDA in torch 2.13; Liger's kernels are Triton). "best":
 # the fastest TRL has to offer there: flex_attention's block mask, padding-free where TRL 1.16
-# supports it (SFT; its DPO padding_free "falls back to standard padding"), Liger's layer kernels.
-FLEX_LIGER = ["model.attn_implementation=flex_attention", "use_liger_kernel=true"]
+# supports it (SFT; its DPO padding_free "falls back to standard padding"). Liger's layer kernels
+# are rows of their own, not in the default run: with flex_attention on an H100 neither TRL's nor
+# our SFT finished 8 steps with them (bench/results/gpu.md).
+FLEX = "model.attn_implementation=flex_attention"
+LIGER = "use_liger_kernel=true"
 GPU_CONFIGS = {
-    "sft/trl best": ("sft", "trl", "none", ["sft.trainer.padding_free=true", *FLEX_LIGER]),
-    "sft/mistral_tune no liger": ("sft", "mistral_tune", "none", ["sft.trainer.use_liger_kernel=false"]),
-    "dpo-full/trl best": ("dpo", "trl", "none", FLEX_LIGER),
-    "dpo-lora/trl best": ("dpo", "trl", "lora", FLEX_LIGER),
+    "sft/trl best": ("sft", "trl", "none", ["sft.trainer.padding_free=true", FLEX, "use_liger_kernel=false"]),
+    "sft/trl best + liger": ("sft", "trl", "none", ["sft.trainer.padding_free=true", FLEX, LIGER]),
+    "sft/mistral_tune liger": ("sft", "mistral_tune", "none", [LIGER]),
+    "dpo-full/trl best": ("dpo", "trl", "none", [FLEX, "use_liger_kernel=false"]),
+    "dpo-lora/trl best": ("dpo", "trl", "lora", [FLEX, "use_liger_kernel=false"]),
     # LoRA SFT, for the 7B shape (--shape mistral-7b)
     "sft-lora/trl": ("sft", "trl", "lora", ["sft.trainer.padding_free=false", *PLAIN]),
-    "sft-lora/trl best": ("sft", "trl", "lora", ["sft.trainer.padding_free=true", *FLEX_LIGER]),
+    "sft-lora/trl best": ("sft", "trl", "lora", ["sft.trainer.padding_free=true", FLEX, "use_liger_kernel=false"]),
     "sft-lora/mistral_tune": ("sft", "mistral_tune", "lora", []),
 }
 CONFIGS.update(GPU_CONFIGS)
 DEFAULT_CONFIGS = [name for name in CONFIGS if "precompute" not in name and name not in GPU_CONFIGS]
-DEFAULT_GPU_CONFIGS = ["sft/trl", "sft/trl best", "sft/mistral_tune", "sft/mistral_tune no liger", "dpo-full/trl",
-                       "dpo-full/trl best", "dpo-full/mistral_tune", "dpo-lora/trl", "dpo-lora/trl best",
-                       "dpo-lora/mistral_tune"]
+DEFAULT_GPU_CONFIGS = ["sft/trl", "sft/trl best", "sft/mistral_tune", "dpo-full/trl", "dpo-full/trl best",
+                       "dpo-full/mistral_tune", "dpo-lora/trl", "dpo-lora/trl best", "dpo-lora/mistral_tune"]
 # Mistral-7B's layer shape (v0.1: 32 heads of 128, 8 KV heads, window 4096), --layers of them
 SHAPES = {"mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                              num_key_value_heads=8, head_dim=128, sliding_window=4096, max_position_embeddings=32768)}
@@ -102,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="a real model's layer shape (--layers of them) instead of --hidden-size's tiny one")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker (default: torch's)")
+    p.add_argument("--config-timeout", type=float, default=None,
+                   help="seconds one configuration may take; past it, it is a failed row and the next one starts")
     p.add_argument("--set", action="append", default=[], metavar="OVERRIDE",
                    help="extra Hydra override for every configuration, e.g. --set +sft.trainer.group_by_length=true")
     p.add_argument("--workdir", default=str(REPO / "bench" / "work"))
@@ -212,8 +217,16 @@ def run_worker(args, name: str, argv: list[str]) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "BENCH_RESULT": str(result_file)}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=args.config_timeout)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        print(f"bench: configuration {name!r} timed out after {args.config_timeout:g} s; output tail:\n"
+              + "\n".join(out.splitlines()[-15:]), flush=True)
+        return {"stage": CONFIGS[name][0], "side": CONFIGS[name][1],
+                "failed": f"no result in {args.config_timeout:g} s (--config-timeout)"}
     if proc.returncode != 0 or not result_file.exists():
         # one failed configuration (a kernel missing on this machine, out of memory) must not cost the others
         tail = "\n".join(proc.stdout.splitlines()[-25:])

@@ -63,9 +63,11 @@ def test_flex_attention_packed_rows_equal_per_row_runs_with_the_window():
     assert (no_window[8:] - alone_a[8:]).abs().max() > 1e-3 and (no_window[:8] - alone_a[:8]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("cuda,installed,expect", [(True, True, True), (True, False, False), (False, True, False)])
-def test_liger_kernels_on_by_default_only_where_they_run(monkeypatch, cuda, installed, expect):
-    """Liger's kernels are Triton: on by default with CUDA and liger-kernel installed, never on CPU."""
+@pytest.mark.parametrize("cuda,installed,usable", [(True, True, True), (True, False, False), (False, True, False)])
+def test_liger_kernels_are_opt_in_and_refused_where_they_cannot_run(monkeypatch, cuda, installed, usable):
+    """Liger's kernels are Triton: never on unless asked (on an H100 with flex_attention they stalled
+    training, bench/results/gpu.md); asked for without CUDA or liger-kernel, a clear error before
+    any model loads, instead of transformers' ImportError when training starts."""
     from trl import DPOConfig, SFTConfig
 
     from mistral_tune.training import trainers
@@ -74,10 +76,14 @@ def test_liger_kernels_on_by_default_only_where_they_run(monkeypatch, cuda, inst
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if installed else None) if name == "liger_kernel" else real(name, *a))
-    assert trainers.liger_usable() is expect
+    assert trainers.liger_usable() is usable
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # build the TRL configs on this CPU
-    monkeypatch.setattr(trainers, "liger_usable", lambda: expect)
+    monkeypatch.setattr(trainers, "liger_usable", lambda: usable)
     for stage, config_cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
-        assert trainers.trl_args(compose(["logger=none"]), stage, config_cls, "/tmp/x", []).use_liger_kernel is expect
-        off = compose(["logger=none", f"{stage}.trainer.use_liger_kernel=false"])
-        assert trainers.trl_args(off, stage, config_cls, "/tmp/x", []).use_liger_kernel is False  # the user's word
+        assert trainers.trl_args(compose(["logger=none"]), stage, config_cls, "/tmp/x", []).use_liger_kernel is False
+        on = compose(["logger=none", f"{stage}.trainer.use_liger_kernel=true"])
+        if usable:
+            assert trainers.trl_args(on, stage, config_cls, "/tmp/x", []).use_liger_kernel is True
+        else:
+            with pytest.raises(UserError, match="use_liger_kernel=true needs a CUDA GPU"):
+                trainers.trl_args(on, stage, config_cls, "/tmp/x", [])

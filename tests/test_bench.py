@@ -22,14 +22,16 @@ def _bench():
 
 
 @pytest.mark.parametrize("name", list(_bench().CONFIGS))
-def test_every_configuration_builds_trl_arguments(tmp_path, name):
+def test_every_configuration_builds_trl_arguments(tmp_path, monkeypatch, name):
     """The overrides each worker composes are valid for the schema and for TRL 1.16's own config."""
     from trl import DPOConfig, SFTConfig
 
     from mistral_tune.config import compose
+    from mistral_tune.training import trainers
     from mistral_tune.training.trainers import trl_args
 
     bench = _bench()
+    monkeypatch.setattr(trainers, "liger_usable", lambda: True)  # Liger rows are refused where Triton is missing
     args = bench.parse_args(["--workdir", str(tmp_path), "--steps", "5", "--dpo-steps", "4", "--batch-size", "3"])
     stage, side, peft, extra = bench.CONFIGS[name]
     cfg = compose(bench.overrides(args, [f"peft={peft}", *bench.stage_overrides(stage, extra)]))
@@ -43,10 +45,9 @@ def test_every_configuration_builds_trl_arguments(tmp_path, name):
         assert built.precompute_ref_log_probs == ("precompute" in name)
     # TRL's rows: SDPA and no Liger as a plain TRL user gets them, or flex_attention + Liger ("best");
     # mistral_tune's rows: the pipeline's own choice (auto)
-    attention = {"trl": "flex_attention" if name.endswith(" best") else "sdpa", "mistral_tune": "auto"}[side]
+    attention = {"trl": "flex_attention" if " best" in name else "sdpa", "mistral_tune": "auto"}[side]
     assert cfg.model.attn_implementation == attention
-    if side == "trl":
-        assert built.use_liger_kernel == name.endswith(" best")
+    assert built.use_liger_kernel == name.endswith("liger")
     assert cfg.peft.method == peft
 
 
@@ -131,3 +132,11 @@ def test_bench_runs_end_to_end(tmp_path):
     assert report["results"]["dpo-full/trl"]["id_mismatches"] == 0  # TRL's chat-template ids == ours
     assert report["gemm_peak"]["flops"] > 0
     assert "| dpo-full/trl |" in out.with_suffix(".md").read_text()
+
+
+def test_a_configuration_past_its_timeout_is_a_failed_row_not_a_hang(tmp_path):
+    """On the GPU a stalled configuration once ate the whole device budget: --config-timeout ends it."""
+    bench = _bench()
+    args = bench.parse_args(["--workdir", str(tmp_path), "--config-timeout", "0.5", "--configs", "sft/trl"])
+    row = bench.run_worker(args, "sft/trl", ["--workdir", str(tmp_path)])
+    assert row == {"stage": "sft", "side": "trl", "failed": "no result in 0.5 s (--config-timeout)"}

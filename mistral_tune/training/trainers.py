@@ -305,9 +305,6 @@ def check_ignored_options(stage: str, kwargs: dict) -> None:
             )
 
 
-LIGER_STAGES = ("sft", "dpo")  # TRL's SFT and DPO trainers apply Liger's layer kernels to the model
-
-
 def liger_usable() -> bool:
     """Liger's kernels are Triton: CUDA and the liger-kernel package (pip install -e '.[gpu]')."""
     import importlib.util
@@ -335,11 +332,14 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
     dtype = resolve_dtype(cfg)
     kwargs.setdefault("bf16", dtype == torch.bfloat16)
     kwargs.setdefault("fp16", dtype == torch.float16)
-    if stage in LIGER_STAGES and "use_liger_kernel" not in kwargs and liger_usable():
-        # Liger's RMSNorm, SwiGLU and RoPE Triton kernels (TRL 1.16 keeps its own fused LM head, so
-        # Liger's fused cross-entropy is off): on by default where they run; <stage>.trainer.
-        # use_liger_kernel=false turns them off. bench/results/gpu.md measures both.
-        kwargs["use_liger_kernel"] = True
+    if kwargs.get("use_liger_kernel") and not liger_usable():
+        # Liger's RMSNorm, SwiGLU and RoPE kernels (TRL 1.16 keeps its own fused LM head and turns
+        # Liger's fused cross-entropy off) are opt-in: on an H100 with flex_attention neither TRL's
+        # nor our SFT finished 8 steps at hidden 2048 in 250 s with them (bench/results/gpu.md).
+        raise UserError(
+            f"{stage}.trainer.use_liger_kernel=true needs a CUDA GPU and the liger-kernel package (Triton kernels)",
+            hint=f"pip install -e '.[gpu]' on a GPU machine, or leave {stage}.trainer.use_liger_kernel unset",
+        )
     if not torch.cuda.is_available():
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             # accelerate 1.15 makes FSDP only out of a GPU process group (state.py: the FSDP branch is
