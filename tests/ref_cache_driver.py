@@ -89,7 +89,7 @@ def main(data_dir: str, out: str, mode: str) -> None:
     ds = trainer.train_dataset
     rank = trainer.accelerator.process_index
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({
-        "num_processes": trainer.accelerator.num_processes,
+        "num_processes": trainer.accelerator.num_processes, "deepspeed": bool(trainer.is_deepspeed_enabled),
         "ref_chosen_logps": list(ds["ref_chosen_logps"]), "ref_rejected_logps": list(ds["ref_rejected_logps"]),
         "prompt_ids": list(ds["prompt_ids"]),
     }))

@@ -161,14 +161,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+def test_a_reference_sharded_at_load_is_refused_for_precompute(tmp_path):
+    """TRL hashes the state dict for its cache key: ZeRO-3 placeholders (empty tensors) hash alike
+    for every model, so a stale cache would be reused. build_dpo_trainer refuses such a model."""
+    from mistral_tune.config import compose
+    from mistral_tune.training.trainers import build_dpo_trainer, check_weights_hashable
+
+    model = tiny_mistral(vocab_size=VOCAB)
+    check_weights_hashable(model)  # a loaded, unsharded model passes
+    model.model.layers[0].mlp.up_proj.weight.data = torch.empty(0)  # what zero.Init leaves on a rank
+    cfg = compose(["logger=none", "dpo.trainer.precompute_ref_log_probs=true"])
+    with pytest.raises(RuntimeError, match="empty placeholders.*up_proj"):
+        build_dpo_trainer(cfg, model, None, None, Dataset.from_list(pairs()), tmp_path, [])
+
+
+LAUNCH_CONFIGS = [pytest.param("ddp", marks=pytest.mark.slow),
+                  pytest.param("zero3", marks=[pytest.mark.slow, pytest.mark.extended])]
+
+
+@pytest.mark.parametrize("launch", LAUNCH_CONFIGS)
 @pytest.mark.parametrize("mode", ["full-noref", "lora-trained"])
-def test_two_process_precompute_matches_each_row(tmp_path, data_dir, mode):
-    """accelerate launch, DDP, 2 processes (no --cpu: that silently runs one). Each rank computes
-    half the batches; the gathered values must land on their own rows, the uneven tail included."""
+def test_two_process_precompute_matches_each_row(tmp_path, data_dir, mode, launch):
+    """accelerate launch, DDP or ZeRO-3, 2 processes (no --cpu: that silently runs one). Each rank
+    computes half the batches (ZeRO-3: through TRL's inference engine over the sharded policy); the
+    gathered values must land on their own rows, the uneven tail included."""
     out = tmp_path / "ref"
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "launch" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+           "--config_file", str(REPO / "launch" / "accelerate" / f"{launch}.yaml"), "--num_processes", "2",
            "--main_process_port", str(_free_port()),
            str(REPO / "tests" / "ref_cache_driver.py"), str(data_dir), str(out), mode]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -179,5 +198,6 @@ def test_two_process_precompute_matches_each_row(tmp_path, data_dir, mode):
     for rank in (0, 1):
         got = json.loads(Path(f"{out}.rank{rank}.json").read_text())
         assert got["num_processes"] == 2
+        assert got["deepspeed"] == (launch == "zero3")
         assert got["prompt_ids"] == [r["prompt_ids"] for r in pairs()]
         _assert_rows_match(got["ref_chosen_logps"], got["ref_rejected_logps"], expected)

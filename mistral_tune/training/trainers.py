@@ -258,9 +258,26 @@ def build_dpo_trainer(cfg: DictConfig, model, ref_model, tokenizer, train_datase
     """`ref_model` as `dpo_reference` chose it."""
     from trl import DPOConfig
 
-    return dpo_trainer_class()(model=model, ref_model=ref_model, args=trl_args(cfg, "dpo", DPOConfig, out, report_to),
+    args = trl_args(cfg, "dpo", DPOConfig, out, report_to)
+    if args.precompute_ref_log_probs:
+        check_weights_hashable(ref_model or model)
+    return dpo_trainer_class()(model=model, ref_model=ref_model, args=args,
                                train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
                                callbacks=callbacks)
+
+
+def check_weights_hashable(model) -> None:
+    """TRL 1.16 keys its cache of precomputed reference log-probs on `hash_module(model)`, which
+    reads the state dict. A model loaded already sharded by ZeRO-3 (from_pretrained after a TRL
+    config registered DeepSpeed) holds empty placeholders there: every such model hashes the same
+    (checked under a 2-process ZeRO-3 launch: two different models, one hash), and a re-run after
+    another SFT would silently reuse the old reference log-probs. The stages load models before
+    building the TRL config, so this does not happen today; this check keeps it from coming back."""
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise RuntimeError(
+            f"precompute_ref_log_probs: {len(empty)} parameter(s) of the reference are empty placeholders "
+            f"(ZeRO-3 sharded at load, e.g. {empty[0]}): TRL's cache key would not cover the weights")
 
 
 def orpo_config_class():
