@@ -82,6 +82,10 @@ def test_greedy_candidate_is_in_every_pair_and_reported():
     assert report["greedy_mean_score"] == 0.5 and report["greedy_beaten"] == 2
     assert report["best_of_k_mean_score"] == 0.8 and report["ties"] == 2
     assert "greedy_mean_score" not in pairs.build_pairs(q, completions, scores)[1]
+    # an empty sample scoring above the greedy reply (a reward model may) beats nothing: it is never paired
+    completions[3] = ["g3", " ", "i"]
+    scores[3] = [0.0, 0.9, 0.0]
+    assert pairs.build_pairs(q, completions, scores, greedy=True)[1]["greedy_beaten"] == 2
 
 
 def test_empty_samples_are_scored_but_never_paired():
@@ -290,3 +294,23 @@ def test_two_processes_shard_the_prompts_and_gather_on_rank_0(tmp_path):
     order = [p["user"] for p in prompts]
     rows = _rows(tmp_path / "pairs" / "pairs.jsonl")
     assert [order.index(r["prompt"]) for r in rows] == sorted(order.index(r["prompt"]) for r in rows)
+
+
+def test_a_chat_ending_on_a_tool_result_is_named_and_held_out_by_its_question(tmp_path):
+    """The prompt of a chat whose reply follows a tool result is the user's question, not the
+    result: that is what the held-out check compares and what the checker scores."""
+    call = {"id": "61EqJomTE", "type": "function",
+            "function": {"name": "calculator", "arguments": "{\"expression\": \"312 + 8\"}"}}
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    chat = lambda q: {"tools": tools, "messages": [  # noqa: E731
+        {"role": "user", "content": q}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "61EqJomTE", "content": "320"},
+        {"role": "assistant", "content": "312 + 8 = 320."}]}
+    chats, held = tmp_path / "chats.jsonl", tmp_path / "eval.jsonl"
+    chats.write_text(json.dumps(chat("312 + 8 = ?")) + "\n" + json.dumps(chat("What is 312 + 8?")) + "\n")
+    held.write_text(json.dumps(chat("312 + 8 = ?")) + "\n")
+    cfg = _cfg(tmp_path, f"pairs.prompts_files=[{chats}]", f"eval.files=[{held}]", "eval.pref_files=[]",
+               "pairs.max_prompts=null")
+    prompts, counts = pairs.load_prompts(cfg)
+    assert [p["user"] for p in prompts] == ["What is 312 + 8?"] and counts["held_out"] == 1
+    assert prompts[0]["messages"][-1]["role"] == "tool" and prompts[0]["reference"] == "312 + 8 = 320."

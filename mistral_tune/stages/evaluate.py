@@ -100,12 +100,12 @@ def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
         # the user's held-out rows too: a call has one right form, unlike a free-form reply).
         for i, m in enumerate(messages):
             if m["role"] == "assistant" and m.get("tool_calls"):
-                calls.append({"ids": fmt.encode_prompt(messages[:i]), "user": _last_user(messages[:i]),
+                calls.append({"ids": fmt.encode_prompt(messages[:i]), "user": last_user(messages[:i]),
                               "reference": [_call(c) for c in m["tool_calls"]]})
         if chat_kind == "held_out" or messages[-1].get("tool_calls"):
             continue  # a chat that ends on a call: its calls are probed above
         prompt = messages[:-1]  # up to the last user turn (or tool result), earlier replies the reference ones
-        prompts.append({"ids": fmt.encode_prompt(prompt), "user": _last_user(prompt),
+        prompts.append({"ids": fmt.encode_prompt(prompt), "user": last_user(prompt),
                         "reference": messages[-1]["content"],
                         "task": "tool_answer" if prompt[-1]["role"] == "tool" else None})
     pref_seqs = []
@@ -183,7 +183,7 @@ def generate_samples(model, prompts: list[list[int]], gen, batch_size: int, logi
     return out
 
 
-def _last_user(messages: list[dict]) -> str:
+def last_user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 

@@ -47,7 +47,7 @@ from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
 from mistral_tune.stages.data import eval_files
-from mistral_tune.stages.evaluate import generate, generate_samples
+from mistral_tune.stages.evaluate import generate, generate_samples, last_user
 from mistral_tune.stages.evaluate import score as task_score
 from mistral_tune.training.modeling import load_policy, start_model
 
@@ -94,7 +94,7 @@ def load_prompts(cfg: DictConfig) -> tuple[list[dict], dict]:
             messages, reference = messages[:-1], messages[-1]["content"]
         else:
             reference = None
-        user = messages[-1]["content"]
+        user = last_user(messages)  # the question, also when the chat ends on a tool result
         if user.strip() in held_out:
             counts["held_out"] += 1
             continue
@@ -275,7 +275,9 @@ def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[
     }
     if greedy:
         report["greedy_mean_score"] = _mean([values[0] for values in scores])
-        report["greedy_beaten"] = sum(max(values[1:]) > values[0] for values in scores)
+        report["greedy_beaten"] = sum(  # by a sample that could be paired (empty ones never are)
+            any(v > values[0] for v, text in zip(values[1:], texts[1:]) if text.strip())
+            for texts, values in zip(completions, scores))
     return rows, report
 
 
