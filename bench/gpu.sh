@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements behind bench/results/gpu.md, on one H100/H200 with no network. From the project root,
 # after `bash ../shared/gpu/make_wheels.sh` (wheels of the pinned packages in .gpu/whl; tools in .gpu/tools):
-#     OUT=/some/dir bash bench/gpu.sh      (about 9.5 minutes on an H100; PARTS=bcd picks parts, BUDGET= caps it in s)
+#     OUT=/some/dir bash bench/gpu.sh      (at most ~9.8 minutes: run with timeout_s=600; PARTS=bcd picks parts, BUDGET= caps it in s)
 # a  install .gpu/whl into /tmp/site (skipped when /tmp/site already has trl), versions
 # b  bench/gpu_exact.py (CUDA path vs plain: loss and gradients), then bench/run.py at hidden 2048 x 8 layers on
-#    360-1930-token chats, every GPU configuration (TRL default, TRL best, mistral_tune with and without Liger)
+#    360-1930-token chats: TRL default, TRL best (flex_attention, no Liger) and mistral_tune, SFT and DPO full/LoRA
 # c  bench/run.py --shape mistral-7b --layers 4, LoRA SFT on 2000-4000-token chats, batch 4
 # d  the default pipeline (`mistral-tune pipeline`), shortened, on the GPU: dtype, attention and Liger the stages used
 # Every part has its own timeout, cut to what is left of BUDGET (s). DRY=1: CPU dry run at tiny sizes.
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OF
     TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 PROJ="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"; G="$PROJ/.gpu"
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
-DRY="${DRY:-0}"; PY="${PY:-python3}"; SITE="${SITE:-/tmp/site}"; BUDGET="${BUDGET:-575}"; PARTS="${PARTS:-abcd}"
+DRY="${DRY:-0}"; PY="${PY:-python3}"; SITE="${SITE:-/tmp/site}"; BUDGET="${BUDGET:-585}"; PARTS="${PARTS:-abcd}"
 T=/tmp/mt_gpu; mkdir -p "$T"
 {
 part() { echo; echo "+++ [$(date +%T) t=${SECONDS}s] part $1"; }
@@ -46,7 +46,7 @@ fi
 CONFIGS="sft/trl,sft/trl best,sft/mistral_tune,dpo-full/trl,dpo-full/trl best,dpo-full/mistral_tune,dpo-lora/trl,dpo-lora/mistral_tune"
 [ "$DRY" = 1 ] && CONFIGS="sft/trl,sft/mistral_tune,dpo-full/trl,dpo-full/mistral_tune,dpo-lora/mistral_tune"
 "$PY" "$G/tools/make_long_data.py" "$T/long" "${GEN[@]}" | tail -2
-(cd "$PROJ" && timeout -k 10 "$(left 290)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long/sft_long.jsonl" \
+(cd "$PROJ" && timeout -k 10 "$(left 270)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long/sft_long.jsonl" \
     --dpo-data "$T/long/dpo_long.jsonl" --max-length 2048 --set model.config.sliding_window=4096 \
     --configs "$CONFIGS" --config-timeout 75 --workdir "$T/work" --out "$OUT/bench" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
@@ -61,7 +61,7 @@ else
     GEN=(--sft-rows 40 --dpo-rows 8 --min-tokens 2000 --max-tokens 4000); ML=4096
 fi
 "$PY" "$G/tools/make_long_data.py" "$T/long4k" "${GEN[@]}" | tail -2
-(cd "$PROJ" && timeout -k 10 "$(left 170)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long4k/sft_long.jsonl" \
+(cd "$PROJ" && timeout -k 10 "$(left 150)" "$PY" bench/run.py "${SHAPE[@]}" --sft-data "$T/long4k/sft_long.jsonl" \
     --dpo-data "$T/long4k/dpo_long.jsonl" --max-length "$ML" --configs "sft-lora/trl,sft-lora/trl best,sft-lora/mistral_tune" --config-timeout 60 \
     --workdir "$T/work7b" --out "$OUT/bench7b" 2>&1 | grep -E "^bench|^\||^- |Error|error" | grep -v Warning)
 fi
