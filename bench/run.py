@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> (stage, side, peft, extra overrides). "<mode>/trl" is what a plain TRL user gets: TRL's
 # trainer on a model loaded as transformers loads it (SDPA attention), batches padded.
 SDPA = "model.attn_implementation=sdpa"
-PLAIN = [SDPA, "use_liger_kernel=false"]
+NO_LIGER = "use_liger_kernel=false"
+PLAIN = [SDPA, NO_LIGER]
 CONFIGS = {
     "sft/trl": ("sft", "trl", "none", ["sft.trainer.padding_free=false", *PLAIN]),
     "sft/trl padding_free": ("sft", "trl", "none", ["sft.trainer.padding_free=true", *PLAIN]),
@@ -62,14 +63,14 @@ CONFIGS = {
 FLEX = "model.attn_implementation=flex_attention"
 LIGER = "use_liger_kernel=true"
 GPU_CONFIGS = {
-    "sft/trl best": ("sft", "trl", "none", ["sft.trainer.padding_free=true", FLEX, "use_liger_kernel=false"]),
+    "sft/trl best": ("sft", "trl", "none", ["sft.trainer.padding_free=true", FLEX, NO_LIGER]),
     "sft/trl best + liger": ("sft", "trl", "none", ["sft.trainer.padding_free=true", FLEX, LIGER]),
     "sft/mistral_tune liger": ("sft", "mistral_tune", "none", [LIGER]),
-    "dpo-full/trl best": ("dpo", "trl", "none", [FLEX, "use_liger_kernel=false"]),
-    "dpo-lora/trl best": ("dpo", "trl", "lora", [FLEX, "use_liger_kernel=false"]),
+    "dpo-full/trl best": ("dpo", "trl", "none", [FLEX, NO_LIGER]),
+    "dpo-lora/trl best": ("dpo", "trl", "lora", [FLEX, NO_LIGER]),
     # LoRA SFT, for the 7B shape (--shape mistral-7b)
     "sft-lora/trl": ("sft", "trl", "lora", ["sft.trainer.padding_free=false", *PLAIN]),
-    "sft-lora/trl best": ("sft", "trl", "lora", ["sft.trainer.padding_free=true", FLEX, "use_liger_kernel=false"]),
+    "sft-lora/trl best": ("sft", "trl", "lora", ["sft.trainer.padding_free=true", FLEX, NO_LIGER]),
     "sft-lora/mistral_tune": ("sft", "mistral_tune", "lora", []),
 }
 CONFIGS.update(GPU_CONFIGS)
@@ -225,17 +226,21 @@ def run_worker(args, name: str, argv: list[str]) -> dict:
         out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         print(f"bench: configuration {name!r} timed out after {args.config_timeout:g} s; output tail:\n"
               + "\n".join(out.splitlines()[-15:]), flush=True)
-        return {"stage": CONFIGS[name][0], "side": CONFIGS[name][1],
-                "failed": f"no result in {args.config_timeout:g} s (--config-timeout)"}
+        return failed_row(name, f"no result in {args.config_timeout:g} s (--config-timeout)")
     if proc.returncode != 0 or not result_file.exists():
         # one failed configuration (a kernel missing on this machine, out of memory) must not cost the others
         tail = "\n".join(proc.stdout.splitlines()[-25:])
         print(f"bench: configuration {name!r} failed (exit {proc.returncode}):\n{tail}", flush=True)
         last = next((line for line in reversed(proc.stdout.splitlines()) if line.strip()), "")
-        return {"stage": CONFIGS[name][0], "side": CONFIGS[name][1], "failed": f"exit {proc.returncode}: {last[:120]}"}
+        return failed_row(name, f"exit {proc.returncode}: {last[:120]}")
     result = json.loads(result_file.read_text())
     result["wall_s"] = round(time.perf_counter() - t, 1)
     return result
+
+
+def failed_row(name: str, why: str) -> dict:
+    """The result of a configuration that gave none: a table row saying why."""
+    return {"stage": CONFIGS[name][0], "side": CONFIGS[name][1], "failed": why}
 
 
 def rate_key(r: dict) -> str:
@@ -284,9 +289,9 @@ def table(results: dict) -> str:
 
 
 def report(args, raw: list[str], info: dict, peak: dict, results: dict) -> str:
-    """Write the table and the JSON for the results so far (rewritten after every configuration, so a
-    run cut short still leaves what it measured); returns the text printed at the end."""
-    results = {n: dict(r) for n, r in results.items()}
+    """Derive MFU and ratios (in place) and write the table and the JSON for the results so far
+    (rewritten after every configuration, so a run cut short still leaves what it measured);
+    returns the text printed at the end."""
     add_derived(results, peak)
     text = table(results)
     dpo_checks = {n: r["id_mismatches"] for n, r in results.items() if "id_mismatches" in r}
@@ -345,7 +350,6 @@ def main(argv=None) -> dict:
     if peak_after["flops"] > peak["flops"]:
         peak = peak_after
     text = report(args, raw, info, peak, results)
-    add_derived(results, peak)
     failed = [n for n, r in results.items() if "failed" in r]
     print("\n" + text)
     if failed:
