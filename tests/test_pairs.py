@@ -114,7 +114,7 @@ def test_prompts_leave_out_the_eval_set_and_repeats(tmp_path):
                "pairs.max_prompts=null")
     prompts, counts = pairs.load_prompts(cfg)
     assert [p["user"] for p in prompts] == ["What is 1 + 1?", "What is 2 + 2?"]
-    assert counts == {"rows": 4, "held_out": 1, "repeated": 1}
+    assert counts == {"rows": 4, "held_out": 1, "repeated": 1, "tool_call_replies": 0}
     assert prompts[0]["messages"] == [{"role": "user", "content": "What is 1 + 1?"}] and prompts[0]["reference"] == "x"
 
 
@@ -314,3 +314,71 @@ def test_a_chat_ending_on_a_tool_result_is_named_and_held_out_by_its_question(tm
     prompts, counts = pairs.load_prompts(cfg)
     assert [p["user"] for p in prompts] == ["What is 312 + 8?"] and counts["held_out"] == 1
     assert prompts[0]["messages"][-1]["role"] == "tool" and prompts[0]["reference"] == "312 + 8 = 320."
+
+
+def test_tool_chats_are_scored_as_eval_scores_them_and_their_pairs_keep_the_tools(tmp_path):
+    """On tool data: the reply after a tool result is scored by exact match (as eval's
+    tool_answer), not by the bundled checker its question resembles ("What is 120 - 327?" would
+    go to `add`, which marks the right reply wrong and "120 + 327 = 447" right); a pairs row keeps
+    the row's tools and the tool turns, and reads back through the data stage's loader as the very
+    prompt that was sampled; a chat whose reply is a tool call is counted, not sampled."""
+    from mistral_tune.datasets import sources
+
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                               "parameters": {"type": "object"}}}]
+
+    def call(expr):
+        return {"id": "61EqJomTE", "type": "function",
+                "function": {"name": "calculator", "arguments": json.dumps({"expression": expr})}}
+
+    ends_on_result = {"tools": tools, "messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 120 - 327?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("120 - 327")]},
+        {"role": "tool", "tool_call_id": "61EqJomTE", "content": "-207"},
+        {"role": "assistant", "content": "120 - 327 = -207."}]}
+    ends_on_task = {"tools": tools, "messages": [
+        {"role": "user", "content": "What is 5 - 2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("5 - 2")]},
+        {"role": "tool", "tool_call_id": "61EqJomTE", "content": "3"},
+        {"role": "assistant", "content": "5 - 2 = 3."},
+        {"role": "user", "content": "Which is larger: 4 or 9?"},
+        {"role": "assistant", "content": "The larger number is 9."}]}
+    ends_on_call = {"tools": tools, "messages": [
+        {"role": "user", "content": "What is 7 * 6?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("7 * 6")]}]}
+    chats = tmp_path / "tools.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in (ends_on_result, ends_on_task, ends_on_call)))
+    cfg = _cfg(tmp_path, f"pairs.prompts_files=[{chats}]", "eval.files=[]", "eval.pref_files=[]",
+               "pairs.max_prompts=null")
+    prompts, counts = pairs.load_prompts(cfg)
+    assert counts["tool_call_replies"] == 1 and [p["user"] for p in prompts] == ["What is 120 - 327?", "Which is larger: 4 or 9?"]
+    assert [p["task"] for p in prompts] == ["tool_answer", None]
+
+    score, _ = pairs.verifier(cfg)
+    candidates = [["120 - 327 = -207.", "120 + 327 = 447"], ["The larger number is 9.", "The larger number is 4."]]
+    scores = [score([q] * 2, c) for q, c in zip(prompts, candidates)]
+    assert scores == [[1.0, 0.0], [1.0, 0.0]]
+
+    rows, report = pairs.build_pairs(prompts, candidates, scores)
+    assert report["pairs"] == 2 and all(r["tools"] == sources.load_rows([chats], "sft").rows[0]["messages"][0]["tools"]
+                                        for r in rows)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = sources.load_rows([path], "dpo", on_error="raise").rows
+    assert [r["prompt"] for r in loaded] == [q["messages"] for q in prompts]  # tools on the first message, tool turns kept
+    assert [(r["chosen"], r["rejected"]) for r in loaded] == [tuple(c) for c in candidates]
+
+
+def test_a_user_reward_beside_the_command_imports_under_the_console_script(tmp_path):
+    """`pairs.reward=my_reward:score` with my_reward.py in the current folder: the `mistral-tune`
+    console script does not put that folder on sys.path (python -P runs the same way)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "my_reward.py").write_text("def score(prompt, completion):\n    return float(len(prompt + completion))\n")
+    code = ("import sys; assert '' not in sys.path; from mistral_tune.stages.pairs import _user_function;"
+            "print(_user_function('my_reward:score')([{'user': 'ab'}], ['cde']))")
+    proc = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[5.0]"

@@ -32,7 +32,9 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -84,12 +86,19 @@ def _held_out_users(cfg: DictConfig) -> set[str]:
 
 
 def load_prompts(cfg: DictConfig) -> tuple[list[dict], dict]:
-    """Prompts ({"messages", "user", "reference"}) and counts of those left out."""
+    """Prompts ({"messages", "user", "reference", "task"}) and counts of those left out
+    (held out, repeated, ending on a tool call)."""
     rows = sources.load_rows(_prompt_files(cfg), "prompts", on_error=cfg.data.on_error).rows
     held_out = _held_out_users(cfg)
-    prompts, seen, counts = [], set(), {"rows": len(rows), "held_out": 0, "repeated": 0}
+    prompts, seen = [], set()
+    counts = {"rows": len(rows), "held_out": 0, "repeated": 0, "tool_call_replies": 0}
     for row in rows:
         messages = row["messages"]
+        if messages[-1].get("tool_calls"):
+            # A reply that is a tool call is not sampled: decoding drops [TOOL_CALLS], and a call
+            # has its own check (evaluate.score_call), not a reply's. Counted, not paired.
+            counts["tool_call_replies"] += 1
+            continue
         if messages[-1]["role"] == "assistant":
             messages, reference = messages[:-1], messages[-1]["content"]
         else:
@@ -103,7 +112,11 @@ def load_prompts(cfg: DictConfig) -> tuple[list[dict], dict]:
             counts["repeated"] += 1
             continue
         seen.add(key)
-        prompts.append({"messages": messages, "user": user, "reference": reference})
+        # The reply after a tool result is scored by exact match, as eval scores it: its question
+        # may read like a bundled task ("What is 120 - 327?") whose checker would mark the right
+        # reply "120 - 327 = -207." wrong.
+        task = "tool_answer" if messages[-1]["role"] == "tool" else None
+        prompts.append({"messages": messages, "user": user, "reference": reference, "task": task})
     if cfg.pairs.max_prompts is not None:
         prompts = prompts[:cfg.pairs.max_prompts]
     if not prompts:
@@ -164,10 +177,10 @@ def verifier(cfg: DictConfig):
     def check(prompts, completions):
         values = []
         for q, c in zip(prompts, completions):
-            if q["reference"] is None and not _is_task(q["user"]):
+            if q["reference"] is None and (q.get("task") or not _is_task(q["user"])):
                 raise UserError(f"pairs: prompt {q['user'][:60]!r} is not a bundled task and has no reference reply",
                                 hint="score it with pairs.reward=module:function or pairs.reward_model=...")
-            values.append(float(task_score(q["user"], q["reference"] or "", c)[1]))
+            values.append(float(task_score(q["user"], q["reference"] or "", c, q.get("task"))[1]))
         return values
 
     return check, "bundled task checker"
@@ -183,6 +196,10 @@ def _is_task(user: str) -> bool:
 
 def _user_function(spec: str):
     module, _, name = spec.partition(":")
+    # The `mistral-tune` console script does not put the current folder on sys.path (python -m
+    # does): without this, my_module.py beside the user's command would not import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
@@ -254,10 +271,18 @@ def build_pairs(prompts: list[dict], completions: list[list[str]], scores: list[
         if values[best] == values[worst]:
             ties[values[best]] += 1
             continue
+        # Tools ride on the first message in memory (sources._with_tools); a file row holds them
+        # in its own `tools` field, which is what the data stage reads back.
+        first, *rest = q["messages"]
+        tools = first.get("tools")
+        messages = [{k: v for k, v in first.items() if k != "tools"}, *rest]
         rows.append({
-            "prompt": q["user"],
-            "chosen": [*q["messages"], {"role": "assistant", "content": texts[best]}],
-            "rejected": [*q["messages"], {"role": "assistant", "content": texts[worst]}],
+            # The question's text, as in data/dpo.jsonl; the messages when they end on a tool
+            # result (a text prompt must be the conversation's last message).
+            "prompt": q["user"] if messages[-1]["role"] == "user" else messages,
+            **({"tools": tools} if tools else {}),
+            "chosen": [*messages, {"role": "assistant", "content": texts[best]}],
+            "rejected": [*messages, {"role": "assistant", "content": texts[worst]}],
             "score_chosen": values[best],
             "score_rejected": values[worst],
         })
