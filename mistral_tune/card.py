@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import runs
 from mistral_tune.runs import RunDir
+from mistral_tune.stages import rounds
 from mistral_tune.stages.data import eval_files
 
 VERSIONS = ("mistral-tune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "mistral-common")
@@ -52,28 +53,32 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1 and set(name) <= HUB_ID_CHARS
 
 
-def _stage_rows(run_dir: RunDir, stages: list[str]) -> list[dict]:
+def _stage_rows(cfg: DictConfig) -> list[dict]:
+    """Each finished training stage, then each DPO round after the first (pairs.rounds)."""
+    run_dir = RunDir.of(cfg)
+    folders = [(stage, stage, run_dir.stage(stage)) for stage in cfg.stages]
+    folders += [(rounds.name(r), "dpo", RunDir(run_dir.round(r)).stage("dpo")) for r in range(2, rounds.count(cfg) + 1)]
     rows = []
-    for stage in stages:
-        config = _read(run_dir.stage(stage) / "config.yaml")
-        manifest = _read(run_dir.stage(stage) / "manifest.json")
+    for label, node, folder in folders:
+        config = _read(folder / "config.yaml")
+        manifest = _read(folder / "manifest.json")
         if not (config and manifest):
             continue
-        rows.append({"stage": stage, "config": config, "manifest": manifest,
-                     "metrics": _read(run_dir.stage(stage) / "metrics.json") or manifest.get("metrics", {})})
+        rows.append({"stage": label, "node": node, "config": config, "manifest": manifest,
+                     "metrics": _read(folder / "metrics.json") or manifest.get("metrics", {})})
     return rows
 
 
 def render(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> str:
     run_dir = RunDir.of(cfg)
     reports = {kind: r for kind in cfg.stages if (r := _read(run_dir.data(kind) / "report.json"))}
-    stages = _stage_rows(run_dir, list(cfg.stages))
+    stages = _stage_rows(cfg)
     name_or_path = cfg.model.name_or_path
     template = (_read(run_dir.chat_format) or {}).get("template") or cfg.template.name
     files = {kind: {Path(f).name: c for f, c in r.get("per_file", {}).items()} for kind, r in reports.items()}
 
     meta: dict = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                  "tags": ["mistral", "mistral_tune", "trl", *[s["stage"] for s in stages]]}
+                  "tags": ["mistral", "mistral_tune", "trl", *dict.fromkeys(s["node"] for s in stages)]}
     if _is_hub_id(name_or_path):
         meta["base_model"] = name_or_path
     license_ = cfg.push.license or base_license(cfg)
@@ -124,7 +129,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
     lines += ["## Training", ""]
     for s in stages:
         c, m = s["config"], s["metrics"]
-        trainer = c.get(s["stage"], {}).get("trainer", {})
+        trainer = c.get(s["node"], {}).get("trainer", {})
         method = s["manifest"].get("method", "?")
         lines.append(f"### {s['stage']} ({'full fine-tuning' if method == 'none' else method})")
         lines.append("")
@@ -132,9 +137,9 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                 "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
                 "beta", "loss_type", "padding_free", "packing")
         params = {k: trainer[k] for k in keys if k in trainer}
-        params["max_length"] = c.get(s["stage"], {}).get("data", {}).get("max_length")
+        params["max_length"] = c.get(s["node"], {}).get("data", {}).get("max_length")
         if method != "none":
-            peft = {**c.get("peft", {}), **(c.get(s["stage"], {}).get("peft") or {})}  # the stage's own over peft.*
+            peft = {**c.get("peft", {}), **(c.get(s["node"], {}).get("peft") or {})}  # the stage's own over peft.*
             params.update({f"lora_{k}" if k == "r" else k: peft[k]
                            for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in peft})
         params.update(dtype=c.get("model", {}).get("dtype"), seed=c.get("seed"),

@@ -9,6 +9,7 @@
     DIR/base/                   the (tiny) base model when it is made here, not loaded from a path
     DIR/<stage>/                each training stage's output (sft, dpo, orpo, pairs), eval
     DIR/merged/                 the chat-ready merged model
+    DIR/rounds/<r>/             round r >= 2 of iterative DPO (pairs.rounds): pairs/, data/dpo/, dpo/
     DIR/wandb/                  W&B's (offline) run folders
     DIR/.lock                   the process holding the run_dir
 
@@ -102,6 +103,10 @@ class RunDir:
     def merged(self) -> Path:
         return self.stage("merge")
 
+    def round(self, r: int) -> Path:
+        """Round r >= 2 of iterative DPO (pairs.rounds): a run folder of its own, see stages/rounds.py."""
+        return self.root / "rounds" / str(r)
+
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
@@ -164,6 +169,8 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
         picked[path] = node
     if isinstance(picked.get("data"), dict):  # data.show prints examples: it changes no build
         picked["data"] = {k: v for k, v in picked["data"].items() if k != "show"}
+    if isinstance(picked.get("pairs"), dict):  # how many DPO rounds follow changes no one round
+        picked["pairs"] = {k: v for k, v in picked["pairs"].items() if k != "rounds"}
     for node in picked.values():  # logging and checkpoint cadence do not change the result
         trainer = node.get("trainer") if isinstance(node, dict) else None
         if isinstance(trainer, dict):

@@ -232,6 +232,9 @@ class PairsConfig:
     # classification model, its first logit the score. At most one of the two.
     reward: Optional[str] = None
     reward_model: Optional[str] = None
+    # Iterative DPO: after DPO, sample again from the DPO policy and train another round from it,
+    # `rounds` rounds in all (round r >= 2 in run_dir/rounds/<r>; mistral_tune/stages/rounds.py).
+    rounds: int = 1
 
 
 @dataclass

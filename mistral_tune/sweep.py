@@ -26,7 +26,9 @@ def objective_name(cfg: DictConfig, command: str) -> str | None:
     if command in DATA_LAYOUT:  # a training command: its own train loss
         return f"{command}/train_loss"
     if command in ("pipeline", "eval"):
-        last = (cfg.eval.models or ["base", *cfg.stages])[-1]
+        from mistral_tune.stages import rounds
+
+        last = cfg.eval.models[-1] if cfg.eval.models else rounds.last_name(cfg)
         return f"eval/{last}/task_score"
     return None
 

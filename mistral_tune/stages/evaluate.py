@@ -43,15 +43,21 @@ from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import load_tokenizer
 from mistral_tune.runs import RunDir
+from mistral_tune.stages import rounds
 from mistral_tune.stages.data import eval_files
 from mistral_tune.training import tracking
 from mistral_tune.training.modeling import load_policy
 
 log = logging.getLogger("mistral_tune")
 
+def _names(cfg: DictConfig) -> list[str]:
+    """The models a run makes, in order: base, each stage, each DPO round after the first."""
+    return ["base", *cfg.stages, *(rounds.name(r) for r in range(2, rounds.count(cfg) + 1))]
+
+
 def references(cfg: DictConfig) -> dict[str, str]:
-    """{stage: the model it started from}: the stage before it in `stages=[...]`, else base."""
-    order = ["base", *cfg.stages]
+    """{model: the model it started from}: the stage (or DPO round) before it, else base."""
+    order = _names(cfg)
     return {stage: order[i] for i, stage in enumerate(order[1:])}
 
 
@@ -67,10 +73,12 @@ def model_refs(cfg: DictConfig) -> dict[str, dict]:
         manifest = runs.read_manifest(cfg, stage)
         if manifest:
             refs[stage] = manifest["model"]
-    wanted = ["base", *cfg.stages] if cfg.eval.models is None else list(cfg.eval.models)
-    unknown = set(wanted) - {"base", *cfg.stages}
+    refs.update({name: manifest["model"] for name, manifest in rounds.finished(cfg).items()})
+    names = _names(cfg)
+    wanted = names if cfg.eval.models is None else list(cfg.eval.models)
+    unknown = set(wanted) - set(names)
     if unknown:
-        raise UserError(f"eval.models: unknown model(s) {sorted(unknown)}; choose from base, {', '.join(cfg.stages)}")
+        raise UserError(f"eval.models: unknown model(s) {sorted(unknown)}; choose from {', '.join(names)}")
     refs = {k: v for k, v in refs.items() if k in wanted}
     if not refs:
         raise UserError(
@@ -321,6 +329,7 @@ def _inputs(cfg: DictConfig, refs: dict) -> dict:
     for path in sources.expand_files([*eval_files(cfg, "sft")[0], *eval_files(cfg, "dpo")[0]]):
         files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     stages = {s: (runs.read_manifest(cfg, s) or {}).get("fingerprint") for s in (*cfg.stages, "merge")}
+    stages.update({name: m["fingerprint"] for name, m in rounds.finished(cfg).items()})
     return {"models": refs, "stages": stages, "files": files}
 
 

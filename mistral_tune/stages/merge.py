@@ -18,6 +18,7 @@ from mistral_tune import card, runs
 from mistral_tune.errors import UserError
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.runs import RunDir
+from mistral_tune.stages import rounds
 from mistral_tune.training.modeling import DTYPES, load_policy
 from mistral_tune.formats.tokenizer import load_tokenizer
 
@@ -71,8 +72,8 @@ def merge_chain(cfg: DictConfig, model_ref: dict, batch: torch.Tensor, dtype: to
 def run(cfg: DictConfig) -> Path:
     run_dir = RunDir.of(cfg)
     out = run_dir.merged
-    last = runs.require_manifest(cfg, cfg.stages[-1], "merge")  # the last trained stage
-    inputs = {"from": last["stage"], "fingerprint": last["fingerprint"]}
+    source, last = rounds.last_manifest(cfg, "merge")  # the last trained stage (or DPO round)
+    inputs = {"from": source, "fingerprint": last["fingerprint"]}
     if runs.check_done(cfg, "merge", inputs):
         return out
     if not runs.is_main_process():
@@ -104,7 +105,7 @@ def run(cfg: DictConfig) -> Path:
     runs.write_stage_config(cfg, "merge")
     log.info("merge: %s + %d adapter(s) -> %s (probe max |dlogit| %.2e)",
              last["model"]["base"], len(last["model"]["adapters"]), out, diff)
-    runs.finish_stage(cfg, "merge", {"from": last["stage"], "model": last["model"], "probe_max_abs_diff": diff,
+    runs.finish_stage(cfg, "merge", {"from": source, "model": last["model"], "probe_max_abs_diff": diff,
                                      "dtype": str(save_dtype).replace("torch.", "")}, inputs)
     card.write_card(cfg)  # eval rewrites it with its table; a run without eval still has a card
     runs.wait_for_everyone()

@@ -359,12 +359,15 @@ def run(cfg: DictConfig) -> Path:
     runs.write_stage_config(cfg, "pairs")
     t0 = time.perf_counter()
     prompts, counts = load_prompts(cfg)
+    # Round r of iterative DPO (pairs.rounds; its start manifest names the round) draws other
+    # numbers than round 1 does from the same seed.
+    seed = cfg.seed + 1000 * ((previous or {}).get("round", 1) - 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_policy(cfg, start, inference=True).to(device)
 
     def work(shard, rank):
         encoded = [fmt.encode_prompt(q["messages"]) for q in shard]
-        ids = sample(model, encoded, cfg, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed + rank)
+        ids = sample(model, encoded, cfg, tokenizer.pad_token_id, tokenizer.eos_token_id, seed + rank)
         if cfg.pairs.greedy:
             greedy = generate(model, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id,
                               cfg.pairs.max_new_tokens, cfg.pairs.batch_size)

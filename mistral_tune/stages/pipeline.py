@@ -1,5 +1,6 @@
 """The `pipeline` command: data -> each stage of `stages=[...]` -> merge -> eval (-> push when
-push.repo_id is set). With pairs=onpolicy, the pairs stage samples DPO's pairs just before DPO.
+push.repo_id is set). With pairs=onpolicy, the pairs stage samples DPO's pairs just before DPO;
+with pairs.rounds=N, N rounds of pairs and DPO (stages/rounds.py), merge and eval taking the last.
 
 Each stage reads the previous stage's manifest from run_dir; finished stages with the same config
 are skipped, so re-running the command resumes where it stopped. With `launcher=<name>`, each
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 from mistral_tune import runs
 from mistral_tune.errors import UserError
 from mistral_tune.launch import train
-from mistral_tune.stages import data, evaluate, merge, pairs, push
+from mistral_tune.runs import RunDir
+from mistral_tune.stages import data, evaluate, merge, pairs, push, rounds
 
 log = logging.getLogger("mistral_tune")
 
@@ -32,12 +34,16 @@ def prepare(cfg: DictConfig, stage: str) -> None:
     """The data `stage` trains on, built unless already there; with pairs=onpolicy, DPO's pairs
     are first sampled from the policy it starts from (so after the stage before it)."""
     if stage == sampled_stage(cfg):
+        # The pairs stage reads the chat format, which the first data build fixes: with
+        # stages=[dpo] (or a later DPO round) no build has run before it.
+        data.fix_chat_format(cfg, RunDir.of(cfg))
         pairs.run(cfg)
     data.ensure(cfg, stage)
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     overrides = list(overrides or [])
+    n_rounds = rounds.count(cfg)  # a bad pairs.rounds fails before any work
     for stage in cfg.stages:  # every dataset first: a bad row fails in seconds, not after SFT
         if stage != sampled_stage(cfg):
             data.ensure(cfg, stage)
@@ -45,6 +51,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         if stage == sampled_stage(cfg):
             prepare(cfg, stage)
         train(cfg, stage, overrides)
+    for r in range(2, n_rounds + 1):  # iterative DPO: each round samples from the last one's model
+        rcfg = rounds.start(cfg, r)
+        prepare(rcfg, "dpo")
+        train(rcfg, "dpo", rounds.overrides(cfg, r, overrides))
     out = merge.run(cfg)
     if cfg.eval.enabled and not data.has_eval_data(cfg):
         log.warning("pipeline: eval skipped: no held-out data (your data is too small for an "
