@@ -35,8 +35,10 @@ def prepare(cfg: DictConfig, stage: str) -> None:
     are first sampled from the policy it starts from (so after the stage before it)."""
     if stage == sampled_stage(cfg):
         # The pairs stage reads the chat format, which the first data build fixes: with
-        # stages=[dpo] (or a later DPO round) no build has run before it.
-        data.fix_chat_format(cfg, RunDir.of(cfg))
+        # stages=[dpo] (or a later DPO round) no build has run before it. Rank 0 writes it.
+        if runs.is_main_process():
+            data.fix_chat_format(cfg, RunDir.of(cfg))
+        runs.wait_for_everyone()
         pairs.run(cfg)
     data.ensure(cfg, stage)
 
