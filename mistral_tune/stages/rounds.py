@@ -79,10 +79,8 @@ def last_name(cfg: DictConfig) -> str:
 
 def last_manifest(cfg: DictConfig, needed_by: str) -> tuple[str, dict]:
     """(eval name, manifest) of the model the run ends with (an error while it is unfinished)."""
-    n = count(cfg)
-    if n == 1:
-        return cfg.stages[-1], runs.require_manifest(cfg, cfg.stages[-1], needed_by)
-    return name(n), runs.require_manifest(config(cfg, n), "dpo", needed_by)
+    n = count(cfg)  # with rounds, the last stage is DPO: its manifest in the last round's folder
+    return last_name(cfg), runs.require_manifest(cfg if n == 1 else config(cfg, n), cfg.stages[-1], needed_by)
 
 
 def finished(cfg: DictConfig) -> dict[str, dict]:
