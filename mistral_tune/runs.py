@@ -14,7 +14,8 @@
     DIR/.lock                   the process holding the run_dir
 
 A stage writes `<its folder>/config.yaml` (the resolved config) when it starts and
-`<its folder>/manifest.json` last: a manifest means the stage finished. The next stage reads the
+`<its folder>/manifest.json` last: a manifest means the stage finished. A training stage also
+writes `started.json` (the fingerprint it started with): its checkpoints resume only that run. The next stage reads the
 previous stage's manifest, never its Python objects.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +247,43 @@ def write_stage_config(cfg: DictConfig, stage: str) -> None:
     if is_main_process():
         path = stage_dir(cfg, stage) / "config.yaml"
         atomic_write_text(path, yaml.safe_dump(to_container(cfg), sort_keys=False))
+
+
+STARTED = "started.json"
+
+
+def begin_training(cfg: DictConfig, stage: str, inputs: dict | None = None) -> None:
+    """Before a training stage (re)starts: keep only checkpoints this same config and inputs made.
+
+    TRL resumes from the newest checkpoint-N in the stage folder, whatever made it. Left alone, a
+    stage redone with force=true after a config change resumed from the old run's last checkpoint
+    (at or past the new max_steps it trains nothing and is saved as the new result), and a crashed
+    stage re-run with other settings continued the other run. So the fingerprint a run starts
+    with is kept in started.json: checkpoints from another fingerprint, or those of a finished
+    stage being redone, are an error without force=true and deleted with it. Writes config.yaml.
+    """
+    out = stage_dir(cfg, stage)
+    key = fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}})
+    started = out / STARTED
+    old = json.loads(started.read_text()).get("fingerprint") if started.exists() else None
+    redo = (out / MANIFEST).exists()  # check_done let a finished stage through: force=true
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    stale = checkpoints if redo or (old is not None and old != key) else []
+    if stale and not cfg.force:
+        raise UserError(
+            f"{out} holds checkpoints of an unfinished {stage} run with a different config, which "
+            f"training would resume from: " + config_changes(out / "config.yaml", stage_config(cfg, stage)),
+            hint="re-run with the config it started with to resume it, or force=true to start over",
+        )
+    if is_main_process():
+        for path in stale:
+            log.info("%s: deleting %s (made by another config or a finished run being redone)", stage, path.name)
+            shutil.rmtree(path)
+        if redo:
+            (out / MANIFEST).unlink()
+        write_json(started, {"fingerprint": key})
+    write_stage_config(cfg, stage)
+    wait_for_everyone()
 
 
 def finish_stage(cfg: DictConfig, stage: str, payload: dict, inputs: dict | None = None) -> dict:

@@ -127,3 +127,52 @@ def test_planted_secrets_never_reach_any_file(tmp_path):
             leaks += [f"{path}: {name}" for name, value in secrets.items() if value.encode() in blob]
     assert not leaks
     assert not any(value in proc.stdout + proc.stderr for value in secrets.values())
+
+
+def test_a_stage_redone_with_force_starts_over_not_from_the_old_checkpoints(tmp_path):
+    """`force=true` after a config change trains the new config from the start. It resumed from
+    the old run's last checkpoint: at or past the new max_steps it trained nothing (train loss nan)
+    and saved the old weights as the new result. Compared with the same config in a fresh run_dir."""
+    short = ["sft.data.limit=64", "dpo.data.limit=8", "sft.trainer.save_steps=3", "logger=none"]
+    redone, fresh = tmp_path / "redone", tmp_path / "fresh"
+    first = cli("sft", f"run_dir={redone}", *short, "sft.trainer.max_steps=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = cli("sft", f"run_dir={redone}", *short, "sft.trainer.max_steps=4", "sft.trainer.learning_rate=1e-3",
+                "force=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" not in again.stderr and "deleting checkpoint-6" in again.stderr
+    straight = cli("sft", f"run_dir={fresh}", *short, "sft.trainer.max_steps=4", "sft.trainer.learning_rate=1e-3")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = weights(redone / "sft"), weights(fresh / "sft")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    metrics = json.loads((redone / "sft" / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["train_loss"] is not None
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path, caplog):
+    """A crashed stage re-run with other settings: an error naming the change (its checkpoints are
+    kept), force=true deletes them; the same settings resume; a folder from before started.json
+    existed resumes as it always did."""
+    from mistral_tune import runs
+    from mistral_tune.config import compose
+    from mistral_tune.errors import UserError
+
+    base = [f"run_dir={tmp_path}", "logger=none"]
+    crashed = compose([*base, "sft.trainer.learning_rate=1e-3"])
+    runs.begin_training(crashed, "sft", {"data": "d"})
+    checkpoint = tmp_path / "sft" / "checkpoint-4"
+    checkpoint.mkdir()
+    runs.begin_training(crashed, "sft", {"data": "d"})  # the same run again: resumes
+    assert checkpoint.exists()
+    with pytest.raises(UserError, match=r"sft\.trainer\.learning_rate: 0\.001 -> 0\.002") as err:
+        runs.begin_training(compose([*base, "sft.trainer.learning_rate=2e-3"]), "sft", {"data": "d"})
+    assert "force=true" in err.value.hint and checkpoint.exists()
+    with pytest.raises(UserError, match="inputs did"):  # same config, rebuilt data
+        runs.begin_training(crashed, "sft", {"data": "other"})
+    caplog.set_level("INFO", logger="mistral_tune")
+    runs.begin_training(compose([*base, "sft.trainer.learning_rate=2e-3", "force=true"]), "sft", {"data": "d"})
+    assert not checkpoint.exists() and "deleting checkpoint-4" in caplog.text
+    legacy = tmp_path / "legacy"
+    (legacy / "sft" / "checkpoint-2").mkdir(parents=True)
+    runs.begin_training(compose([f"run_dir={legacy}", "logger=none"]), "sft")
+    assert (legacy / "sft" / "checkpoint-2").exists()

@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> Path:
     inputs = {"data": data_manifest["fingerprint"], "start": previous["fingerprint"] if previous else start}
     if runs.check_done(cfg, "dpo", inputs):
         return out
-    runs.write_stage_config(cfg, "dpo")
+    runs.begin_training(cfg, "dpo", inputs)
 
     method = resolve_peft(cfg)
     model = load_start(cfg, start, method, out)

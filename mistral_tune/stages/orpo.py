@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> Path:
     inputs = {"data": data_manifest["fingerprint"], "start": previous["fingerprint"] if previous else start}
     if runs.check_done(cfg, "orpo", inputs):
         return out
-    runs.write_stage_config(cfg, "orpo")
+    runs.begin_training(cfg, "orpo", inputs)
 
     method = resolve_peft(cfg)
     model = load_start(cfg, start, method, out)

@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> Path:
     inputs = {"data": data_manifest["fingerprint"], "start": previous["fingerprint"] if previous else start}
     if runs.check_done(cfg, "sft", inputs):
         return out
-    runs.write_stage_config(cfg, "sft")
+    runs.begin_training(cfg, "sft", inputs)
 
     method = resolve_peft(cfg)
     model = load_start(cfg, start, method, out)
