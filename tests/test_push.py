@@ -23,6 +23,7 @@ def run_dir(tmp_path):
     (sft / "adapter_model.safetensors").write_bytes(b"lora")
     (sft / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
     (sft / "manifest.json").write_text(json.dumps({"stage": "sft", "method": "lora"}))
+    (sft / "started.json").write_text(json.dumps({"fingerprint": "f"}))
     return tmp_path
 
 
@@ -47,7 +48,7 @@ def test_dry_run_lists_what_would_be_sent(run_dir, capsys):
     push.run(cfg)
     out = capsys.readouterr().out
     assert "org/m:model.safetensors" in out and "org/m:adapters/sft/adapter_model.safetensors" in out
-    assert "checkpoint-2" not in out and "manifest.json" not in out
+    assert "checkpoint-2" not in out and "manifest.json" not in out and "started.json" not in out
 
 
 def test_transient_errors_are_retried(run_dir, monkeypatch):
@@ -56,6 +57,7 @@ def test_transient_errors_are_retried(run_dir, monkeypatch):
     monkeypatch.setattr(push.time, "sleep", lambda s: None)
     push.run(compose([f"run_dir={run_dir}", "push.repo_id=org/m"]))
     assert len(api.uploads) == 1 and api.uploads[0]["repo_id"] == "org/m"
+    assert "started.json" in api.uploads[0]["ignore_patterns"]
     assert (run_dir / "merged" / "model.safetensors").exists()  # the local checkpoint stays
 
 

@@ -32,9 +32,13 @@ def plan_uploads(cfg: DictConfig) -> list[tuple[Path, str]]:
     return uploads
 
 
+# What stays local: checkpoints, the start model copy and the run folder's bookkeeping.
+_IGNORE = ["checkpoint-*", "start_policy/*", "manifest.json", "config.yaml", runs.STARTED]
+_SKIP = ("checkpoint-", "start_policy", "manifest.json", "config.yaml", runs.STARTED)
+
+
 def _files(folder: Path) -> list[Path]:
-    skip = ("checkpoint-", "start_policy", "manifest.json", "config.yaml")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(s in str(p.relative_to(folder)) for s in skip))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(s in str(p.relative_to(folder)) for s in _SKIP))
 
 
 def _retry(what: str, fn, max_retries: int):
@@ -79,7 +83,7 @@ def run(cfg: DictConfig) -> Path:
             _retry(f"upload {folder}", lambda: api.upload_folder(
                 repo_id=repo, folder_path=str(folder), path_in_repo=prefix or None, revision=cfg.push.revision,
                 commit_message=cfg.push.commit_message,
-                ignore_patterns=["checkpoint-*", "start_policy/*", "manifest.json", "config.yaml"],
+                ignore_patterns=_IGNORE,
             ), cfg.push.max_retries)
             done.append(str(folder))
     except Exception as err:
