@@ -129,6 +129,7 @@ def test_planted_secrets_never_reach_any_file(tmp_path):
     assert not any(value in proc.stdout + proc.stderr for value in secrets.values())
 
 
+@pytest.mark.extended  # three CLI trainings (~36 s); the unit test below covers the decision
 def test_a_stage_redone_with_force_starts_over_not_from_the_old_checkpoints(tmp_path):
     """`force=true` after a config change trains the new config from the start. It resumed from
     the old run's last checkpoint: at or past the new max_steps it trained nothing (train loss nan)
