@@ -15,8 +15,8 @@
 
 A stage writes `<its folder>/config.yaml` (the resolved config) when it starts and
 `<its folder>/manifest.json` last: a manifest means the stage finished. A training stage also
-writes `started.json` (the fingerprint it started with): its checkpoints resume only that run. The next stage reads the
-previous stage's manifest, never its Python objects.
+writes `started.json` (the fingerprint it started with): its checkpoints resume only that run.
+The next stage reads the previous stage's manifest, never its Python objects.
 """
 
 from __future__ import annotations
