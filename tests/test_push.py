@@ -24,6 +24,8 @@ def run_dir(tmp_path):
     (sft / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
     (sft / "manifest.json").write_text(json.dumps({"stage": "sft", "method": "lora"}))
     (sft / "started.json").write_text(json.dumps({"fingerprint": "f"}))
+    (sft / "logs").mkdir()
+    (sft / "logs" / "notes.txt").write_text("kept")
     return tmp_path
 
 
@@ -40,6 +42,7 @@ class FakeApi:
     def upload_folder(self, **kwargs):
         if self.failures:
             raise self.failures.pop(0)
+        kwargs["ignore_patterns"] += [".git"]  # as HfApi.upload_folder adds its defaults, in place
         self.uploads.append(kwargs)
 
 
@@ -49,6 +52,7 @@ def test_dry_run_lists_what_would_be_sent(run_dir, capsys):
     out = capsys.readouterr().out
     assert "org/m:model.safetensors" in out and "org/m:adapters/sft/adapter_model.safetensors" in out
     assert "checkpoint-2" not in out and "manifest.json" not in out and "started.json" not in out
+    assert "org/m:adapters/sft/logs/notes.txt" in out  # the ignore patterns are fnmatch, as upload_folder's
 
 
 def test_transient_errors_are_retried(run_dir, monkeypatch):

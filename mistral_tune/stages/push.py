@@ -32,13 +32,18 @@ def plan_uploads(cfg: DictConfig) -> list[tuple[Path, str]]:
     return uploads
 
 
-# What stays local: checkpoints, the start model copy and the run folder's bookkeeping.
-_IGNORE = ["checkpoint-*", "start_policy/*", "manifest.json", "config.yaml", runs.STARTED]
-_SKIP = ("checkpoint-", "start_policy", "manifest.json", "config.yaml", runs.STARTED)
+# What stays local: checkpoints, the start model copy and the run folder's bookkeeping. Patterns
+# of upload_folder's ignore_patterns (fnmatch on the path in the folder).
+IGNORE = ("checkpoint-*", "start_policy/*", "manifest.json", "config.yaml", runs.STARTED)
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(s in str(p.relative_to(folder)) for s in _SKIP))
+    """What upload_folder sends from `folder`: the dry run lists it by the same rule."""
+    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import filter_repo_objects
+
+    paths = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    return sorted(paths[k] for k in filter_repo_objects(paths, ignore_patterns=[*IGNORE, *DEFAULT_IGNORE_PATTERNS]))
 
 
 def _retry(what: str, fn, max_retries: int):
@@ -83,7 +88,7 @@ def run(cfg: DictConfig) -> Path:
             _retry(f"upload {folder}", lambda: api.upload_folder(
                 repo_id=repo, folder_path=str(folder), path_in_repo=prefix or None, revision=cfg.push.revision,
                 commit_message=cfg.push.commit_message,
-                ignore_patterns=_IGNORE,
+                ignore_patterns=list(IGNORE),  # a new list: upload_folder appends its defaults to it
             ), cfg.push.max_retries)
             done.append(str(folder))
     except Exception as err:
