@@ -180,6 +180,11 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
     return picked
 
 
+def stage_key(cfg: DictConfig, stage: str, inputs: dict | None = None) -> str:
+    """The fingerprint a stage's output is known by: its config (stage_config) and its inputs."""
+    return fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}})
+
+
 def read_manifest(cfg: DictConfig, stage: str) -> dict | None:
     path = stage_dir(cfg, stage) / MANIFEST
     if not path.exists():
@@ -196,8 +201,7 @@ def check_done(cfg: DictConfig, stage: str, inputs: dict | None = None) -> dict 
     manifest = read_manifest(cfg, stage)
     if manifest is None:
         return None
-    key = fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}})
-    if manifest.get("fingerprint") == key:
+    if manifest.get("fingerprint") == stage_key(cfg, stage, inputs):
         log.info("%s: already complete in %s, skipping (force=true to redo)", stage, stage_dir(cfg, stage))
         return manifest
     if cfg.force:
@@ -263,7 +267,7 @@ def begin_training(cfg: DictConfig, stage: str, inputs: dict | None = None) -> N
     stage being redone, are an error without force=true and deleted with it. Writes config.yaml.
     """
     out = stage_dir(cfg, stage)
-    key = fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}})
+    key = stage_key(cfg, stage, inputs)
     started = out / STARTED
     old = json.loads(started.read_text()).get("fingerprint") if started.exists() else None
     redo = (out / MANIFEST).exists()  # check_done let a finished stage through: force=true
@@ -290,7 +294,7 @@ def finish_stage(cfg: DictConfig, stage: str, payload: dict, inputs: dict | None
     """Write the manifest last: from now on the stage counts as complete."""
     manifest = {
         "stage": stage,
-        "fingerprint": fingerprint({"config": stage_config(cfg, stage), "inputs": inputs or {}}),
+        "fingerprint": stage_key(cfg, stage, inputs),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **payload,
     }

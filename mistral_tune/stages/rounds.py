@@ -47,7 +47,8 @@ def name(r: int) -> str:
 def _values(cfg: DictConfig, r: int) -> dict:
     """The keys that make round r's config from the run's: its folder, the link stage before DPO,
     and DPO's data in that folder (the run's pairs file replaced by the round's)."""
-    top, root = RunDir.of(cfg), RunDir.of(cfg).round(r).resolve()
+    top = RunDir.of(cfg)
+    root = top.round(r).resolve()
     files = [str(root / "pairs" / PAIRS_FILE) if Path(f).resolve() == (top.stage("pairs") / PAIRS_FILE).resolve() else f
              for f in cfg.dpo.data.files]
     return {"run_dir": str(root), "stages": ["sft", "dpo"], "dpo.data.files": files, "pairs.rounds": 1}
