@@ -84,6 +84,10 @@ def run_command(command: str, cfg, overrides: list[str]):
     from mistral_tune.launch import train
     from mistral_tune.stages import DATA_LAYOUT, data, pipeline
 
+    if "RANK" in os.environ:  # a launched rank: its process group with the configured timeout
+        from mistral_tune.runs import init_distributed
+
+        init_distributed(cfg.launcher.timeout_s)
     if command == "tokenizer":
         return write_tokenizer(cfg)
     if command in DATA_LAYOUT:
@@ -120,7 +124,7 @@ def _locked(command: str, cfg, overrides: list[str]):
     """run_command holding run_dir's lock (one command per run_dir at a time)."""
     from mistral_tune.lock import run_dir_lock
 
-    with run_dir_lock(cfg.run_dir, command):
+    with run_dir_lock(cfg.run_dir, command, cfg.launcher):
         return run_command(command, cfg, overrides)
 
 

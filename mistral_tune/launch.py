@@ -33,9 +33,46 @@ def launch_command(cfg: DictConfig, stage: str, overrides: list[str]) -> list[st
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
-    cmd += ["--num_processes", str(cfg.launcher.num_processes), *cfg.launcher.extra_args]
+    cmd += ["--num_processes", str(cfg.launcher.num_processes)]
+    if cfg.launcher.num_machines > 1:
+        # accelerate turns these into torchrun's --nnodes/--node_rank/--master_addr/--master_port
+        # (nproc_per_node = num_processes / num_machines).
+        cmd += ["--num_machines", str(cfg.launcher.num_machines), "--machine_rank", str(cfg.launcher.machine_rank),
+                "--main_process_ip", str(cfg.launcher.main_process_ip)]
+    if cfg.launcher.main_process_port:
+        cmd += ["--main_process_port", str(cfg.launcher.main_process_port)]
+    cmd += list(cfg.launcher.extra_args)
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "launcher"))]
-    return cmd + ["-m", "mistral_tune", stage, *kept, f"run_dir={Path(cfg.run_dir).resolve()}", "launcher=none"]
+    # The ranks train (launcher=none) with the collective timeout of the launching command.
+    return cmd + ["-m", "mistral_tune", stage, *kept, f"run_dir={Path(cfg.run_dir).resolve()}", "launcher=none",
+                  f"launcher.timeout_s={cfg.launcher.timeout_s}"]
+
+
+def check_machines(launcher: DictConfig) -> None:
+    """The launcher.num_machines/machine_rank/main_process_ip keys agree with each other."""
+    n, rank = launcher.num_machines, launcher.machine_rank
+    if n < 1 or not 0 <= rank < n:
+        raise UserError(f"launcher.machine_rank={rank} with launcher.num_machines={n}: ranks are 0..{n - 1}")
+    if launcher.timeout_s <= 0:
+        raise UserError(f"launcher.timeout_s={launcher.timeout_s}: give a number of seconds > 0")
+    if n == 1:
+        return
+    if launcher.name == "none":
+        raise UserError(f"launcher.num_machines={n} with launcher=none: nothing would be launched",
+                        hint="pick a launcher: launcher=ddp (or zero3, ...) launcher.num_machines=2 ...")
+    if not launcher.main_process_ip:
+        raise UserError(f"launcher.num_machines={n} needs launcher.main_process_ip (machine rank 0's address)")
+    if launcher.num_processes % n:
+        raise UserError(f"launcher.num_processes={launcher.num_processes} (processes in all) is not a multiple of "
+                        f"launcher.num_machines={n}", hint=f"e.g. launcher.num_processes={8 * n} for {n} machines of 8 GPUs")
+
+
+def machine_rank(cfg: DictConfig) -> int:
+    """This command's machine: 0 builds data, holds the lock and writes; others wait for it."""
+    return int(cfg.launcher.machine_rank) if cfg.launcher.num_machines > 1 else 0
+
+
+LOST = "lost rank"  # the line a surviving rank prints when another one is gone (training/peers.py)
 
 
 def run_launched(cfg: DictConfig, stage: str, overrides: list[str]) -> None:
@@ -43,12 +80,18 @@ def run_launched(cfg: DictConfig, stage: str, overrides: list[str]) -> None:
     cmd = launch_command(cfg, stage, overrides)
     log.info("%s: %s", stage, " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=15)
+    lost = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
+            if LOST in line and lost is None:
+                lost = line.strip().split(": error: ", 1)[-1]  # without the rank's "mistral-tune sft: error:"
     if proc.returncode != 0:
-        raise UserError(f"{stage} under launcher={cfg.launcher.name} exited with status {proc.returncode}:\n"
+        where = f" (machine rank {cfg.launcher.machine_rank} of {cfg.launcher.num_machines})" if cfg.launcher.num_machines > 1 else ""
+        if lost:  # torch's traceback dump would bury it: the one line that says what happened comes first
+            raise UserError(f"{stage}{where}: {lost}")
+        raise UserError(f"{stage} under launcher={cfg.launcher.name}{where} exited with status {proc.returncode}:\n"
                         + "\n".join(tail))
 
 

@@ -11,6 +11,11 @@ the launching process holds the lock and exports its identity in MISTRAL_TUNE_LO
 launched ranks find their holder's identity in the lock file and proceed without taking it. A
 launch started by hand (`accelerate launch -m mistral_tune sft`, the SLURM script) has no parent
 of ours: its rank 0 takes the lock, and the other ranks (RANK > 0) never take it.
+
+A multi-node job (launcher.num_machines > 1, the same command on every machine): machine rank 0
+takes the lock and records the job (machines and rendezvous address) in it; the command on every
+other machine joins that job instead of taking the lock, waiting for it up to launcher.timeout_s.
+A lock held by anything else (another job, a plain command) refuses it like any second user.
 """
 
 from __future__ import annotations
@@ -64,8 +69,51 @@ def _create(path: Path, info: dict) -> bool:
     return True
 
 
-def acquire(run_dir: str | Path, command: str) -> Path | None:
-    """Take DIR/.lock for this process; None when a launching parent already holds it for us."""
+def job_of(launcher) -> dict | None:
+    """What identifies a multi-node job in the lock (None on one machine)."""
+    if launcher is None or launcher.num_machines <= 1:
+        return None
+    return {"num_machines": int(launcher.num_machines),
+            "rendezvous": f"{launcher.main_process_ip}:{launcher.main_process_port or 29500}"}
+
+
+def join(run_dir: str | Path, command: str, job: dict, machine_rank: int, timeout_s: float,
+         poll_s: float = 1.0) -> None:
+    """Machine rank > 0 of a multi-node job: wait for machine rank 0's lock on the same job."""
+    from mistral_tune.runs import RunDir
+
+    path = RunDir(Path(run_dir)).lock
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        holder = read_holder(path)
+        if holder and holder.get("job") == job:
+            log.info("%s: joining machine rank 0's %s (process %s on %s), as machine rank %d", run_dir,
+                     holder.get("command", "?"), holder.get("pid"), holder.get("host"), machine_rank)
+            return
+        if holder:  # held, by something else than this job
+            who = f"process {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
+            theirs = holder.get("job")
+            raise UserError(
+                f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({who}) is running in it"
+                + (f" as another multi-node job ({theirs['num_machines']} machines, rendezvous {theirs['rendezvous']}; "
+                   f"this one: {job['num_machines']}, {job['rendezvous']})" if theirs else ", not as this multi-node job"),
+                hint="give every machine the same launcher.num_machines/main_process_ip/main_process_port, or wait for it")
+        if time.monotonic() > deadline:
+            raise UserError(f"machine rank {machine_rank}: machine rank 0 has not started this job in run_dir={run_dir} "
+                            f"within launcher.timeout_s={timeout_s:g}s (no lock {path})",
+                            hint="start the command with launcher.machine_rank=0 (same run_dir, on a filesystem both "
+                                 "machines see), or raise launcher.timeout_s")
+        if not announced:
+            log.info("%s: machine rank %d waiting for machine rank 0 to take the run_dir lock (up to %gs)",
+                     run_dir, machine_rank, timeout_s)
+            announced = True
+        time.sleep(poll_s)
+
+
+def acquire(run_dir: str | Path, command: str, job: dict | None = None) -> Path | None:
+    """Take DIR/.lock for this process; None when a launching parent already holds it for us.
+    `job` (job_of): this process is machine rank 0 of a multi-node job, recorded in the lock."""
     from mistral_tune.runs import RunDir
 
     path = RunDir(Path(run_dir)).lock
@@ -79,6 +127,8 @@ def acquire(run_dir: str | Path, command: str) -> Path | None:
     me = identity()
     info = {"id": me, "pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if job:
+        info["job"] = job
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # a stale lock removed by someone else between our reads: try again
         if _create(path, info):
@@ -115,9 +165,15 @@ def release(path: Path | None) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str | Path, command: str) -> Iterator[Path | None]:
-    """Hold DIR/.lock while the command runs (released on errors and Ctrl-C too)."""
-    path = acquire(run_dir, command)
+def run_dir_lock(run_dir: str | Path, command: str, launcher=None) -> Iterator[Path | None]:
+    """Hold DIR/.lock while the command runs (released on errors and Ctrl-C too). With `launcher`
+    (cfg.launcher) of a multi-node job, machine rank 0 holds it and the other machines join."""
+    job = job_of(launcher)
+    if job and launcher.machine_rank > 0:
+        join(run_dir, command, job, int(launcher.machine_rank), float(launcher.timeout_s))
+        yield None
+        return
+    path = acquire(run_dir, command, job)
     try:
         yield path
     finally:

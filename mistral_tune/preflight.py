@@ -35,6 +35,12 @@ def preflight(command: str, cfg: DictConfig) -> None:
         check_model(str(cfg.model.name_or_path), cfg.model.revision)
     if command in LAUNCHED_COMMANDS:
         check_launcher(cfg)
+    from mistral_tune.launch import check_machines
+
+    check_machines(cfg.launcher)
+    if cfg.launcher.num_machines > 1 and cfg.launcher.machine_rank > 0 and command not in (*LAUNCHED_COMMANDS, "data", "plan"):
+        raise UserError(f"`{command}` runs in one process, on machine rank 0: launcher.machine_rank="
+                        f"{cfg.launcher.machine_rank} has nothing to do", hint="run it on machine rank 0 only")
 
 
 def check_model(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path") -> None:

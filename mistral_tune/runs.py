@@ -59,6 +59,22 @@ def wait_for_everyone() -> None:
         state.wait_for_everyone()
 
 
+def init_distributed(timeout_s: float) -> None:
+    """In a launched rank, start torch.distributed now, with launcher.timeout_s as the gloo/NCCL
+    timeout of every collective. accelerate's PartialState is one per process: ours, the Trainer's
+    and DeepSpeed's all share this one (the Trainer passes its ddp_timeout only on GPUs, so on CPU
+    this is the one place a timeout can be set). A collective waiting on a lost machine then fails
+    after timeout_s instead of torch's default 30 minutes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
+
+
 STAGE_FOLDERS = {"merge": "merged"}  # the contract names the merged checkpoint's folder `merged`
 
 

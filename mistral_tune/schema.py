@@ -263,8 +263,17 @@ class PushConfig:
 class LauncherConfig:
     name: str = "none"  # none: stages run in this process; else accelerate launch per stage
     config_file: Optional[str] = None  # accelerate config (launch/accelerate/*.yaml)
-    num_processes: int = 1
+    num_processes: int = 1  # processes in all, over every machine (accelerate's count)
     extra_args: list[str] = field(default_factory=list)
+    # Several machines: run the same command on each, changing only machine_rank. Machine rank 0
+    # builds the data, holds the run_dir lock and writes every file; run_dir must be shared.
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: Optional[str] = None  # machine rank 0's address, reachable from every machine
+    main_process_port: Optional[int] = None  # null: 29500 (one port per concurrent job on a host)
+    # Seconds any process waits for another: a collective op (a lost machine ends the others after
+    # this, gloo/NCCL timeout), or machine ranks > 0 for the data machine rank 0 builds.
+    timeout_s: int = 1800
 
 
 @dataclass

@@ -35,6 +35,7 @@ import math
 import random
 import shutil
 import statistics
+import time
 from array import array
 from dataclasses import asdict
 from pathlib import Path
@@ -350,11 +351,44 @@ def run(cfg: DictConfig) -> Path:
 
 def ensure(cfg: DictConfig, kind: str) -> dict:
     """The manifest of `kind`'s dataset, built first on rank 0 unless a build of the same inputs
-    is there; other ranks wait for it."""
+    is there; other ranks wait for it (other machines of a multi-node job: wait_built)."""
+    from mistral_tune.launch import machine_rank
+
+    if machine_rank(cfg) > 0:
+        return wait_built(cfg, kind)
     if runs.is_main_process():
         build(cfg, kind)
     runs.wait_for_everyone()
     return runs.require_manifest(cfg, runs.data_stage(kind), kind)
+
+
+def wait_built(cfg: DictConfig, kind: str, poll_s: float = 2.0) -> dict:
+    """Machine rank > 0: wait (launcher.timeout_s at most) until machine rank 0 has built `kind`'s
+    dataset from these same inputs: a manifest with this config's fingerprint, not just any
+    manifest (an older build in a shared run_dir would otherwise be read while rank 0 rebuilds)."""
+    run_dir, stage = RunDir.of(cfg), runs.data_stage(kind)
+    timeout = float(cfg.launcher.timeout_s)
+    deadline, reason, announced = time.monotonic() + timeout, "", False
+    while True:
+        try:
+            inputs = cache_inputs(cfg, kind, ChatFormat.resolve(cfg))
+            inputs["eval_split"] = {"fraction": cfg.eval.split_fraction, "max_samples": cfg.eval.max_samples,
+                                    "seed": cfg.seed}
+            manifest = runs.read_manifest(cfg, stage)
+            if manifest and manifest.get("fingerprint") == runs.stage_key(cfg, stage, inputs):
+                return manifest
+            reason = "a build from other inputs is there" if manifest else "no build yet"
+        except (UserError, OSError, ValueError) as err:  # its inputs not written yet (e.g. pairs.jsonl)
+            reason = str(err).splitlines()[0]
+        if time.monotonic() > deadline:
+            raise UserError(f"machine rank {cfg.launcher.machine_rank}: {run_dir.data(kind)} was not built by machine "
+                            f"rank 0 within launcher.timeout_s={timeout:g}s ({reason})",
+                            hint="is machine rank 0 running the same command and config, on the same (shared) run_dir?")
+        if not announced:
+            log.info("data/%s: machine rank %d waiting for machine rank 0 to build it (up to %gs)",
+                     kind, cfg.launcher.machine_rank, timeout)
+            announced = True
+        time.sleep(poll_s)
 
 
 def fix_chat_format(cfg: DictConfig, run_dir: RunDir) -> ChatFormat:

@@ -345,6 +345,7 @@ def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list
         # dropped (and counted) every row longer than data.max_length, so nothing is lost.
         kwargs["max_length"] = None
     kwargs.setdefault("seed", cfg.seed)
+    kwargs.setdefault("ddp_timeout", cfg.launcher.timeout_s)  # the collective timeout (runs.init_distributed)
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # for tokens/s in metrics.json
     dtype = resolve_dtype(cfg)
     kwargs.setdefault("bf16", dtype == torch.bfloat16)
@@ -456,12 +457,23 @@ def train_and_save(cfg: DictConfig, stage: str, out: Path, build_trainer, extra_
     `build_trainer(report_to)` returns the TRL trainer. Returns (trainer, metrics)."""
     from mistral_tune.training import tracking
 
+    from mistral_tune.training.peers import Heartbeat
+
     with tracking.tracked(cfg, stage) as report_to:
         start = time.perf_counter()
         trainer = build_trainer(report_to)
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(out))
-        runtime = time.perf_counter() - start
-        trainer.save_model(str(out))
+        with Heartbeat() as heartbeat:
+            try:
+                result = trainer.train(resume_from_checkpoint=last_checkpoint(out))
+                runtime = time.perf_counter() - start
+                trainer.save_model(str(out))
+            except Exception as err:
+                lost = None if isinstance(err, UserError) else heartbeat.lost()
+                if lost:  # the backend's error names no rank; this line does
+                    raise UserError(f"{lost} ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                                    hint="re-run the same commands on every machine: training resumes from "
+                                         "the last checkpoint") from err
+                raise
     metrics = write_metrics(out, trainer, result, runtime, extra_metrics)
     log.info("%s: %d steps, train loss %.4f, %.0f tokens/s (%s attention%s)", stage, result.global_step,
              metrics["train_loss"] or float("nan"), metrics["tokens_per_second"] or 0, metrics["attn_implementation"],
@@ -482,6 +494,8 @@ def write_metrics(out: Path, trainer, train_output, runtime: float, extra: dict 
         "train_loss": train_output.metrics.get("train_loss"),
         "global_step": train_output.global_step,
         "world_size": trainer.args.world_size,  # processes that trained (launcher.num_processes)
+        # torchrun's agents (one per machine) set GROUP_WORLD_SIZE; a plain process is one machine
+        "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
         "liger_kernel": bool(getattr(trainer.args, "use_liger_kernel", False)),
         **(extra or {}),
