@@ -459,28 +459,36 @@ def test_fsdp2_launch_on_cpu_fails_loudly(tmp_path):
     assert not (tmp_path / "run" / "sft" / "checkpoint-3").exists()
 
 
-def test_slurm_script_starts_one_accelerate_launch_per_node(tmp_path):
-    """launch/slurm.sbatch under fake srun/scontrol/accelerate: the command each node would run."""
+def test_slurm_script_starts_one_command_per_node_with_its_machine_rank(tmp_path):
+    """launch/slurm.sbatch under fake srun/scontrol: the command each node would run (a real
+    SLURM runs it in tests/test_slurm.py)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\nif [ \"$2\" = node ]; then echo 'NodeName=node-a Arch=x86_64'; echo '   NodeAddr=10.0.0.7 NodeHostName=node-a';"
+        " else printf 'node-a\\nnode-b\\n'; fi\n")
     # srun runs its command once per node, as SLURM would, with that node's SLURM_NODEID.
     (bin_dir / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
-    (bin_dir / "accelerate").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
+    (bin_dir / "mistral-tune").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_GPUS_PER_NODE": "h100:8", "STAGE": "dpo"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "MISTRAL_TUNE": "mistral-tune",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_GPUS_PER_NODE": "h100:8", "STAGE": "dpo", "TIMEOUT_S": "300"}
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "run_dir=/shared/r x",
                            "experiment=zephyr_7b_beta_full"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2
     for rank, call in enumerate(calls):
-        assert f"--machine_rank {rank}" in call
-        assert "--num_machines 2 --num_processes 16" in call
-        assert "--main_process_ip node-a" in call
-        assert call.endswith("-m mistral_tune dpo run_dir=/shared/r x experiment=zephyr_7b_beta_full")
+        assert call == ("dpo run_dir=/shared/r x experiment=zephyr_7b_beta_full launcher=zero3 launcher.num_machines=2 "
+                        f"launcher.num_processes=16 launcher.machine_rank={rank} launcher.main_process_ip=10.0.0.7 "
+                        "launcher.main_process_port=29500 launcher.timeout_s=300")
+    # A job without GPUs (sbatch --gpus-per-node=0): one process per node.
+    (tmp_path / "calls").unlink()
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")], env={**env, "SLURM_GPUS_PER_NODE": "0"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "launcher.num_processes=2 " in (tmp_path / "calls").read_text()
 
 
 @pytest.mark.slow
