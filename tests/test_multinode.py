@@ -7,6 +7,7 @@ tests cover the command line, the lock's view of a multi-node job and the waits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,10 +179,17 @@ class Machines:
         return proc
 
     def kill(self, proc: subprocess.Popen) -> None:
+        """The command and every process under it, at once, as when its machine dies. (Not its
+        process group alone: torchrun starts each rank in a session of its own.)"""
+        import psutil
+
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
         proc.wait()
 
     def two(self, run_dir: Path, stage_args: list[str], tmp: Path, tag: str, launcher: str = "ddp"):
@@ -256,7 +264,7 @@ def test_two_machines_train_like_one_machine_with_two_processes(two_machine_sft)
     logs = two_machine_sft["logs"]
     assert "joining machine rank 0's sft" in logs[1] and "waiting for machine rank 0 to build it" in logs[1]
     assert "data/sft: read" in logs[0] and "data/sft: read" not in logs[1]
-    assert (two / "sft" / "checkpoint-2" / "rng_state_1.pth").exists()  # rank 1 really trained
+    assert (two / "sft" / f"checkpoint-{STEPS}" / "rng_state_1.pth").exists()  # rank 1 really trained
     assert not (two / ".lock").exists()
 
 
@@ -266,7 +274,7 @@ def test_a_killed_machine_ends_the_other_with_one_line_and_the_rerun_resumes(tmp
     run_dir = tmp_path / "run"
     procs = machines.two(run_dir, ["sft", *TINY], tmp_path, "killed")
     deadline = time.monotonic() + 600
-    while not (run_dir / "sft" / "checkpoint-2" / "trainer_state.json").exists():
+    while not list((run_dir / "sft").glob("checkpoint-*/trainer_state.json")):  # a checkpoint: kill mid-run
         assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "killed-machine0.log").read_text()[-3000:]
         time.sleep(0.05)
     machines.kill(procs[1])  # machine rank 1 and everything it started, at once

@@ -96,3 +96,21 @@ def test_plan_reads_the_built_data(tmp_path, capsys):
     assert (tmp_path / "data" / "sft" / "report.json").exists() and (tmp_path / "data" / "dpo" / "report.json").exists()
     p = plan.build_plan(cfg)
     assert p["stages"]["sft"]["steps"]["rows"] == 40 and p["stages"]["dpo"]["steps"]["rows"] == 20
+
+
+def test_num_machines_splits_the_gpus_into_nodes_for_deepspeeds_estimate(tmp_path):
+    """launcher.num_processes=16 over launcher.num_machines=4: DeepSpeed's own estimator with 4
+    nodes of 4 GPUs (its offload estimate depends on the split); steps count all 16 processes."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cfg = compose(["experiment=zephyr_7b_beta_full", "launcher=zero3_offload", "launcher.num_processes=16",
+                   "launcher.num_machines=4", "launcher.main_process_ip=10.0.0.1", "plan.sft_rows=1000",
+                   f"run_dir={tmp_path}"])
+    p = plan.build_plan(cfg)
+    assert p["launcher"]["num_machines"] == 4 and p["launcher"]["num_gpus"] == 16
+    c = p["counts"]
+    _, expected, _ = estimate_zero3_model_states_mem_needs(c["total"], c["largest_layer"], 4, 4,
+                                                           cpu_offload=True, cpu_offload_params=True)
+    assert p["deepspeed"] == expected
+    assert p["stages"]["sft"]["steps"]["global_batch"] % 16 == 0
+    assert "16 GPU(s) on 4 machines" in plan.render(p, cfg)

@@ -108,8 +108,11 @@ def lora_closed_form(config, r: int, targets=("q_proj", "k_proj", "v_proj", "o_p
 def launcher_setup(cfg: DictConfig) -> dict:
     """ZeRO stage and offload from the launcher's accelerate config; 0 without DeepSpeed."""
     num_gpus = cfg.plan.num_gpus or cfg.launcher.num_processes
+    # launcher.num_machines splits the GPUs into nodes (DeepSpeed's estimate counts per node);
+    # plan.num_gpus without it keeps plan.gpus_per_node.
+    machines = cfg.launcher.num_machines if cfg.launcher.num_machines > 1 and not cfg.plan.num_gpus else None
     setup = {"name": cfg.launcher.name, "zero": 0, "offload_optimizer": False, "offload_param": False,
-             "num_gpus": num_gpus, "config_file": cfg.launcher.config_file}
+             "num_gpus": num_gpus, "num_machines": machines, "config_file": cfg.launcher.config_file}
     if cfg.launcher.config_file:
         path = Path(cfg.launcher.config_file)
         path = path if path.is_absolute() else REPO_ROOT / path
@@ -192,8 +195,12 @@ def deepspeed_estimate(counts: dict, setup: dict, gpus_per_node: int) -> float |
     """DeepSpeed's own per-GPU model-states estimate (full fine-tuning, no offload), in bytes."""
     if setup["zero"] not in (2, 3):
         return None
-    per_node = min(gpus_per_node, setup["num_gpus"])
-    nodes = math.ceil(setup["num_gpus"] / per_node)
+    if setup.get("num_machines"):
+        nodes = setup["num_machines"]
+        per_node = setup["num_gpus"] // nodes
+    else:
+        per_node = min(gpus_per_node, setup["num_gpus"])
+        nodes = math.ceil(setup["num_gpus"] / per_node)
     if setup["zero"] == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -259,7 +266,9 @@ def render(plan: dict, cfg: DictConfig) -> str:
     where = f"{setup['config_file']}: DeepSpeed ZeRO-{setup['zero']}" if setup["zero"] else (setup["config_file"] or "one process per GPU")
     offload = [k for k in ("offload_optimizer", "offload_param") if setup[k]]
     out.append(f"  launcher: {setup['name']} ({where}{', ' + ', '.join(offload) if offload else ''}), "
-               f"{setup['num_gpus']} GPU(s){'' if cfg.plan.num_gpus else ' (launcher.num_processes; plan.num_gpus=N to change)'}")
+               f"{setup['num_gpus']} GPU(s)"
+               + (f" on {setup['num_machines']} machines" if setup.get("num_machines") else "")
+               + ("" if cfg.plan.num_gpus else " (launcher.num_processes; plan.num_gpus=N to change)"))
     out.append(f"  data: {plan['rows_source']}")
     for stage, p in plan["stages"].items():
         d, s = p["data"], p["steps"]
