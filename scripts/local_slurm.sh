@@ -14,9 +14,19 @@ NODES=(n1 n2)
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 
-if [[ ${1:-} == stop ]]; then
+stop_daemons() {  # and wait until they are gone: a slurmd still shutting down would hold its port
   pkill -x slurmd || true
   pkill -x slurmctld || true
+  for _ in $(seq 20); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || return 0; sleep 0.5; done
+  pkill -9 -x slurmd || true
+  pkill -9 -x slurmctld || true
+  sleep 0.5
+}
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+nodes_up() { [[ $(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)$') == "${#NODES[@]}" ]]; }
+
+if [[ ${1:-} == stop ]]; then
+  stop_daemons
   exit 0
 fi
 
@@ -71,24 +81,26 @@ if [[ ! -f $CONF ]] || [[ "$(cat $CONF)" != "$want" ]]; then
   changed=1
 fi
 
-if ! pgrep -x munged >/dev/null; then
+# munged answers (a credential round trip), not merely a process of that name (a dying or zombie one)
+if ! munge_ok; then
   chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
   [[ -f /etc/munge/munge.key ]] || { mungekey --create 2>/dev/null || create-munge-key -f; chown munge:munge /etc/munge/munge.key; }
   runuser -u munge -- /usr/sbin/munged
+  for _ in $(seq 20); do munge_ok && break; sleep 0.5; done
 fi
-if [[ $changed == 1 ]]; then  # a new config: restart what runs with the old one
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
-  sleep 1
+if [[ $changed == 0 ]] && nodes_up; then  # already running with this config
+  sinfo -N
+  exit 0
 fi
-pgrep -x slurmctld >/dev/null || slurmctld
+stop_daemons  # a new config, or daemons that are not all up: start them afresh
+slurmctld
 for n in "${NODES[@]}"; do
   mkdir -p "/var/spool/slurmd/$n"
-  pgrep -f "slurmd -N $n\$" >/dev/null || slurmd -N "$n"
+  slurmd -N "$n"
 done
 
 for _ in $(seq 60); do  # both nodes registered and idle
-  if [[ $(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)$') == "${#NODES[@]}" ]]; then
+  if nodes_up; then
     sinfo -N
     exit 0
   fi
