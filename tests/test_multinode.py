@@ -70,6 +70,22 @@ def test_contradictory_machine_keys_are_one_line_errors(kw, message):
         check_machines(_launcher(**kw))
 
 
+def test_the_lost_rank_line_leads_the_launchers_error(monkeypatch, capsys):
+    """torch's failure dump would bury it: the surviving rank's one line becomes the error."""
+    from mistral_tune import launch
+
+    rank_output = ("print('[mistral_tune] sft: step 3'); "
+                   "print('mistral-tune sft: error: lost rank 1 (machine rank 1): it stopped responding during training'); "
+                   "print('torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\\n' * 20); raise SystemExit(1)")
+    monkeypatch.setattr(launch, "launch_command", lambda cfg, stage, overrides: [sys.executable, "-c", rank_output])
+    cfg = OmegaConf.create({"launcher": _launcher(num_machines=2, main_process_ip="127.0.0.1")})
+    with pytest.raises(UserError) as err:
+        launch.run_launched(cfg, "sft", [])
+    assert str(err.value) == ("sft (machine rank 0 of 2): lost rank 1 (machine rank 1): it stopped responding "
+                              "during training")
+    assert "ChildFailedError" in capsys.readouterr().out  # the ranks' output still streams through
+
+
 @pytest.fixture
 def no_rank(monkeypatch):
     monkeypatch.delenv(lock.HOLDER_ENV, raising=False)
