@@ -1,0 +1,121 @@
+"""Check an exported GGUF against the HF model it came from, with llama.cpp itself
+(llama-cpp-python): the same logits at every position, the same greedy replies, and the GGUF's
+chat template giving the same token ids as the HF tokenizer's.
+
+Used by `mistral-tune export export.verify=true` (figures in the export manifest and the log),
+bench/gguf_check.py and tests/test_export.py. Only prompts whose prompt + reply fit in the
+model's sliding window are compared: llama.cpp's `llama` architecture attends to the whole
+context, transformers' Mistral to the window, so beyond it the two models differ by design.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("mistral_tune")
+
+# Short chats in the bundled tasks' style (and one with a system prompt), for export.verify.
+PROBES = [
+    [{"role": "user", "content": "What is 12 + 30?"}],
+    [{"role": "user", "content": "Sort these digits: 5, 1, 3"}],
+    [{"role": "user", "content": "Which is larger: 36 or 62?"}],
+    [{"role": "user", "content": "Say the word river 3 times."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 7 + 5?"}],
+]
+
+
+def eval_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
+    """The held-out chats of a JSONL file (OpenAI messages), each cut before its last reply."""
+    out = []
+    for line in path.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        out.append(messages)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def render_with_gguf_template(llm, messages: list[dict]) -> str:
+    """The prompt as llama-cpp-python renders the GGUF's own tokenizer.chat_template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    meta = llm.metadata
+    vocab = llm._model
+    formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"],
+                                    eos_token=vocab.token_get_text(vocab.token_eos()),
+                                    bos_token=vocab.token_get_text(vocab.token_bos()),
+                                    add_generation_prompt=True)
+    return formatter(messages=messages).prompt
+
+
+def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy decoding on llama.cpp's logits (argmax each step), stopping after EOS."""
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        if nxt == eos:
+            break
+        llm.eval([nxt])
+    return out
+
+
+def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new_tokens: int = 16,
+            logits: bool = True, n_threads: int | None = None) -> dict:
+    """Figures of the GGUF against the HF model on `prompts` (those that fit in the window)."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32, local_files_only=True).eval()
+    window = getattr(model.config, "sliding_window", None) or model.config.max_position_embeddings
+    llm = Llama(model_path=str(gguf_path), n_ctx=min(window, model.config.max_position_embeddings) + 8,
+                logits_all=True, n_threads=n_threads or 2, verbose=False, seed=0)
+    eos = tok.eos_token_id
+    max_diff, positions, argmax_same, template_same, greedy_same, used, skipped = 0.0, 0, 0, 0, 0, 0, 0
+    examples = []
+    for messages in prompts:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if len(ids) + max_new_tokens > window:
+            skipped += 1
+            continue
+        used += 1
+        text = render_with_gguf_template(llm, messages)
+        gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        template_same += gguf_ids == ids
+        with torch.no_grad():
+            hf_out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=tok.pad_token_id)
+        hf_reply = hf_out[0, len(ids):].tolist()
+        llama_reply = llama_greedy(llm, ids, max_new_tokens, eos)
+        greedy_same += hf_reply == llama_reply
+        if logits:  # every position of the prompt and the HF reply
+            seq = ids + hf_reply
+            with torch.no_grad():
+                hf_logits = model(torch.tensor([seq])).logits[0].float().numpy()
+            llm.reset()
+            llm.eval(seq)
+            ll = np.asarray(llm.scores[: len(seq)], dtype=np.float32)
+            max_diff = max(max_diff, float(np.abs(ll - hf_logits).max()))
+            positions += len(seq)
+            argmax_same += int((ll.argmax(-1) == hf_logits.argmax(-1)).sum())
+        if len(examples) < 3:
+            examples.append({"prompt": messages[-1]["content"], "hf": tok.decode(hf_reply, skip_special_tokens=True),
+                             "llama_cpp": tok.decode(llama_reply, skip_special_tokens=True)})
+    llm.close()
+    result = {"prompts": used, "skipped_longer_than_window": skipped, "window": window,
+              "template_ids_equal": template_same, "greedy_equal": greedy_same, "examples": examples}
+    if logits:
+        result.update(max_abs_logit_diff=max_diff, positions=positions, argmax_equal=argmax_same)
+    return result
