@@ -2,30 +2,18 @@
 (llama-cpp-python): the same logits at every position, the same greedy replies, and the GGUF's
 chat template giving the same token ids as the HF tokenizer's.
 
-Used by `mistral-tune export export.verify=true` (figures in the export manifest and the log),
-bench/gguf_check.py and tests/test_export.py. Only prompts whose prompt + reply fit in the
-model's sliding window are compared: llama.cpp's `llama` architecture attends to the whole
-context, transformers' Mistral to the window, so beyond it the two models differ by design.
+Used by bench/gguf_check.py (the figures in the README) and tests/test_export.py. Only prompts
+whose prompt + reply fit in the model's sliding window are compared: llama.cpp's `llama`
+architecture attends to the whole context, transformers' Mistral to the window, so beyond it the
+two models differ by design.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger("mistral_tune")
-
-# Short chats in the bundled tasks' style (and one with a system prompt), for export.verify.
-PROBES = [
-    [{"role": "user", "content": "What is 12 + 30?"}],
-    [{"role": "user", "content": "Sort these digits: 5, 1, 3"}],
-    [{"role": "user", "content": "Which is larger: 36 or 62?"}],
-    [{"role": "user", "content": "Say the word river 3 times."}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 7 + 5?"}],
-]
 
 
 def eval_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
