@@ -361,6 +361,7 @@ def test_llama_cpp_matches_transformers(template, vocab_size, tmp_path):
     assert f16["max_abs_logit_diff"] <= 0.05
     assert f16["argmax_equal"] == f16["positions"]
     assert f16["greedy_equal"] == len(prompts)
+    assert f16["chat_completion_equal"] == len(prompts)  # llama-cpp-python's create_chat_completion
     assert figures["q8_0"]["greedy_equal"] == len(prompts)
     assert figures["q4_k_m"]["template_ids_equal"] == len(prompts)
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())

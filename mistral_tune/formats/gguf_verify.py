@@ -29,8 +29,10 @@ def eval_prompts(path: Path, limit: int | None = None) -> list[list[dict]]:
     return out
 
 
-def render_with_gguf_template(llm, messages: list[dict]) -> str:
-    """The prompt as llama-cpp-python renders the GGUF's own tokenizer.chat_template."""
+def gguf_chat_ids(llm, messages: list[dict]) -> list[int]:
+    """The prompt's ids as llama-cpp-python's create_chat_completion makes them: the GGUF's own
+    tokenizer.chat_template rendered by its Jinja formatter, tokenized by llama.cpp with special
+    tokens parsed, BOS added only when the template did not write one (no double BOS)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     meta = llm.metadata
@@ -39,7 +41,8 @@ def render_with_gguf_template(llm, messages: list[dict]) -> str:
                                     eos_token=vocab.token_get_text(vocab.token_eos()),
                                     bos_token=vocab.token_get_text(vocab.token_bos()),
                                     add_generation_prompt=True)
-    return formatter(messages=messages).prompt
+    result = formatter(messages=messages)
+    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
 
 
 def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
@@ -69,7 +72,7 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
     llm = Llama(model_path=str(gguf_path), n_ctx=min(window, model.config.max_position_embeddings) + 8,
                 logits_all=True, n_threads=n_threads or 2, verbose=False, seed=0)
     eos = tok.eos_token_id
-    max_diff, positions, argmax_same, template_same, greedy_same, used, skipped = 0.0, 0, 0, 0, 0, 0, 0
+    max_diff, positions, argmax_same, template_same, greedy_same, chat_same, used, skipped = 0.0, 0, 0, 0, 0, 0, 0, 0
     examples = []
     for messages in prompts:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -78,9 +81,7 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
             skipped += 1
             continue
         used += 1
-        text = render_with_gguf_template(llm, messages)
-        gguf_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        template_same += gguf_ids == ids
+        template_same += gguf_chat_ids(llm, messages) == ids  # also: exactly one BOS, as in ours
         with torch.no_grad():
             hf_out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
@@ -88,6 +89,9 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
         hf_reply = hf_out[0, len(ids):].tolist()
         llama_reply = llama_greedy(llm, ids, max_new_tokens, eos)
         greedy_same += hf_reply == llama_reply
+        # the user's path: llama-cpp-python's chat completion (its handler from the GGUF's template)
+        chat = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_new_tokens, seed=0)
+        chat_same += chat["choices"][0]["message"]["content"].strip() == tok.decode(hf_reply, skip_special_tokens=True).strip()
         if logits:  # every position of the prompt and the HF reply
             seq = ids + hf_reply
             with torch.no_grad():
@@ -103,7 +107,8 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
                              "llama_cpp": tok.decode(llama_reply, skip_special_tokens=True)})
     llm.close()
     result = {"prompts": used, "skipped_longer_than_window": skipped, "window": window,
-              "template_ids_equal": template_same, "greedy_equal": greedy_same, "examples": examples}
+              "template_ids_equal": template_same, "greedy_equal": greedy_same,
+              "chat_completion_equal": chat_same, "examples": examples}
     if logits:
         result.update(max_abs_logit_diff=max_diff, positions=positions, argmax_equal=argmax_same)
     return result
