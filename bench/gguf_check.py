@@ -42,12 +42,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "mistral_tune", "export", f"run_dir={run_dir}", f"export.quant={quant}"],
                        check=True)
         export_s = time.perf_counter() - start
-        manifest = json.loads((run_dir / "export" / "manifest.json").read_text())["files"][quant]
+        files = json.loads((run_dir / "export" / "manifest.json").read_text())["files"]
+        manifest = next(f for f in files.values() if f["quant"] == quant)
         start = time.perf_counter()
         figures = compare(run_dir / "export" / manifest["gguf"], run_dir / "merged", prompts,
                           max_new_tokens=args.max_new_tokens)
         report[quant] = {"file": manifest["gguf"], "bytes": manifest["bytes"], "tensor_types": manifest["tensor_types"],
                          "export_s": round(export_s, 1), "compare_s": round(time.perf_counter() - start, 1), **figures}
+        print(json.dumps({quant: report[quant]}), flush=True)  # each as it is done
     print(json.dumps(report, indent=1))
 
 

@@ -193,8 +193,8 @@ def _gguf_lines(run_dir: RunDir) -> list[str]:
     if not files:
         return []
     lines = ["## GGUF (llama.cpp, Ollama)", "", "| file | quantization | size | Ollama Modelfile |", "|---|---|---:|---|"]
-    for quant, f in files.items():
-        lines.append(f"| `{f['gguf']}` | {quant} | {f['bytes'] / 1e6:.1f} MB | `{f['modelfile']}` |")
+    for f in files.values():
+        lines.append(f"| `{f['gguf']}` | {f['quant']} | {f['bytes'] / 1e6:.1f} MB | `{f['modelfile']}` |")
     first = next(iter(files.values()))
     lines += ["", "In the run folder's `export/`, made from this model with `mistral-tune export`: "
               f"`llama-cli -m {first['gguf']} --jinja` uses the chat template inside the file; "

@@ -6,7 +6,7 @@ llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 
 Writes DIR/export/<name>-<quant>.gguf and <name>-<quant>.Modelfile (each under a temporary name,
 renamed into place), config.yaml and manifest.json, which lists every exported file with the
-source it was made from. Re-running skips a file made from the same source; a file made from
+source it was made from (keyed by file name). Re-running skips a file made from the same source; a file made from
 another source (merge redone since) is an error unless force=true. f16 and q8_0 are written in
 Python (formats/gguf.py); q4_k_m is made from the f16 file by llama.cpp's own quantizer through
 llama-cpp-python (the `export` extra), which decides the per-tensor types of its Q4_K_M recipe.
@@ -124,8 +124,8 @@ def run(cfg: DictConfig) -> Path:
     key = fingerprint({"format": cfg.export.format, "quant": quant, "name": name, "source": str(source.resolve()),
                        "source_key": source_key})
     manifest = read_manifest(out)
-    entry = manifest["files"].get(quant)
-    if entry and entry.get("gguf") == path.name and path.exists():
+    entry = manifest["files"].get(path.name)
+    if entry and path.exists():
         if entry["fingerprint"] == key:
             log.info("export: %s already made from this model, skipping (force=true to redo)", path)
             return path
@@ -165,9 +165,9 @@ def run(cfg: DictConfig) -> Path:
     modelfile = out / f"{name}-{quant}.Modelfile"
     runs.atomic_write_text(modelfile, ollama.modelfile(path.name, chat_format, num_ctx, note))
     seconds = time.perf_counter() - start
-    manifest = read_manifest(out)  # re-read: keep entries of other quantizations
-    manifest["files"][quant] = {
-        "gguf": path.name, "modelfile": modelfile.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
+    manifest = read_manifest(out)  # re-read: keep the entries of the other files
+    manifest["files"][path.name] = {
+        "gguf": path.name, "quant": quant, "modelfile": modelfile.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
         "fingerprint": key, "source": str(source), "chat_format": chat_format, "sliding_window_note": note,
         "seconds": round(seconds, 1), **info,
     }
