@@ -180,10 +180,28 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
               'messages = [{"role": "user", "content": "Sort these digits: 5, 1, 3"}]',
               "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
               "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
-              "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
-              "## Framework versions", ""]
+              "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", ""]
+    lines += _gguf_lines(run_dir)
+    lines += ["## Framework versions", ""]
     lines += [f"- {k} {v}" for k, v in _versions().items()]
     return "\n".join(lines) + "\n"
+
+
+def _gguf_lines(run_dir: RunDir) -> list[str]:
+    """The GGUF files of `mistral-tune export` (run_dir/export/manifest.json), if any."""
+    files = (_read(run_dir.export / "manifest.json") or {}).get("files", {})
+    if not files:
+        return []
+    lines = ["## GGUF (llama.cpp, Ollama)", "", "| file | quantization | size | Ollama Modelfile |", "|---|---|---:|---|"]
+    for f in files.values():
+        lines.append(f"| `{f['gguf']}` | {f['quant']} | {f['bytes'] / 1e6:.1f} MB | `{f['modelfile']}` |")
+    first = next(iter(files.values()))
+    lines += ["", "In the run folder's `export/`, made from this model with `mistral-tune export`: "
+              f"`llama-cli -m {first['gguf']} --jinja` uses the chat template inside the file; "
+              f"`ollama create NAME -f {first['modelfile']}` then `ollama run NAME`."]
+    notes = {f.get("sliding_window_note") for f in files.values()} - {None}
+    lines += [f"Note: {n}." for n in sorted(notes)]
+    return lines + [""]
 
 
 def write_card(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> Path | None:

@@ -23,6 +23,7 @@ Turn a Mistral base model into an instruct model. Commands:
   merge      merge adapters into full-precision weights: run_dir/merged
   eval       the base model and each trained stage side by side on held-out data: run_dir/eval
   push       upload run_dir/merged to the Hugging Face Hub (push.repo_id=org/name)
+  export     run_dir/merged as GGUF for llama.cpp / Ollama: run_dir/export (export.quant=f16|q8_0|q4_k_m)
   pipeline   data -> stages (stages=[sft,dpo] by default; [orpo], [sft], ...) -> merge -> eval (-> push)
   tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
   plan       parameters, steps per epoch and per-GPU memory, without loading weights
@@ -38,7 +39,7 @@ Show the composed config with: mistral-tune <command> --cfg job (search path and
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan", "chat")
+COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan", "chat", "export")
 log = logging.getLogger("mistral_tune")
 
 

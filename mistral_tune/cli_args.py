@@ -131,6 +131,8 @@ COMMAND_HELP = {
              ["eval.files", "eval.pref_files", "eval.models", "eval.max_samples", "eval.max_new_tokens"]),
     "push": ("Upload run_dir/merged to the Hugging Face Hub.",
              ["push.repo_id", "push.private", "push.revision", "push.dry_run", "push.include_adapters"]),
+    "export": ("run_dir/merged (or export.model=DIR) as GGUF for llama.cpp and Ollama, with a Modelfile: run_dir/export.",
+               ["export.quant", "export.model", "export.name", "export.enabled"]),
     "pipeline": ("data -> training stages -> merge -> eval (-> push when push.repo_id is set).",
                  ["stages", "pairs.name", "sft.trainer.learning_rate", "sft.trainer.num_train_epochs", "dpo.trainer.beta",
                   "eval.enabled", "push.repo_id"]),

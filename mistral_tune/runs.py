@@ -9,6 +9,7 @@
     DIR/base/                   the (tiny) base model when it is made here, not loaded from a path
     DIR/<stage>/                each training stage's output (sft, dpo, orpo, pairs), eval
     DIR/merged/                 the chat-ready merged model
+    DIR/export/                 GGUF files of the merged model and their Ollama Modelfiles
     DIR/rounds/<r>/             round r >= 2 of iterative DPO (pairs.rounds): pairs/, data/dpo/, dpo/
     DIR/wandb/                  W&B's (offline) run folders
     DIR/.lock                   the process holding the run_dir
@@ -120,6 +121,11 @@ class RunDir:
     @property
     def merged(self) -> Path:
         return self.stage("merge")
+
+    @property
+    def export(self) -> Path:
+        """GGUF exports: <name>-<quant>.gguf, <name>-<quant>.Modelfile, manifest.json."""
+        return self.stage("export")
 
     def round(self, r: int) -> Path:
         """Round r >= 2 of iterative DPO (pairs.rounds): a run folder of its own, see stages/rounds.py."""

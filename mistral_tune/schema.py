@@ -260,6 +260,16 @@ class PushConfig:
 
 
 @dataclass
+class ExportConfig:
+    # `mistral-tune export`: run_dir/merged as DIR/export/<name>-<quant>.gguf for llama.cpp / Ollama.
+    enabled: bool = False  # the pipeline exports after merge and eval
+    format: str = "gguf"  # gguf (the only one)
+    quant: str = "f16"  # f16 | q8_0 (written in Python) | q4_k_m (llama.cpp's quantizer: the `export` extra)
+    model: Optional[str] = None  # a HF Mistral folder to export instead of run_dir/merged
+    name: Optional[str] = None  # file name stem; null: the run_dir's (or export.model's) folder name
+
+
+@dataclass
 class LauncherConfig:
     name: str = "none"  # none: stages run in this process; else accelerate launch per stage
     config_file: Optional[str] = None  # accelerate config (launch/accelerate/*.yaml)
@@ -363,6 +373,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

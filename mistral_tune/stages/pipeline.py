@@ -1,5 +1,5 @@
-"""The `pipeline` command: data -> each stage of `stages=[...]` -> merge -> eval (-> push when
-push.repo_id is set). With pairs=onpolicy, the pairs stage samples DPO's pairs just before DPO;
+"""The `pipeline` command: data -> each stage of `stages=[...]` -> merge -> eval (-> export when
+export.enabled, -> push when push.repo_id is set). With pairs=onpolicy, the pairs stage samples DPO's pairs just before DPO;
 with pairs.rounds=N, N rounds of pairs and DPO (stages/rounds.py), merge and eval taking the last.
 
 Each stage reads the previous stage's manifest from run_dir; finished stages with the same config
@@ -18,7 +18,7 @@ from mistral_tune import runs
 from mistral_tune.errors import UserError
 from mistral_tune.launch import machine_rank, train
 from mistral_tune.runs import RunDir
-from mistral_tune.stages import data, evaluate, merge, pairs, push, rounds
+from mistral_tune.stages import data, evaluate, export, merge, pairs, push, rounds
 
 log = logging.getLogger("mistral_tune")
 
@@ -55,6 +55,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         # other machines would have to follow it step by step. Not built yet.
         raise UserError("pairs=onpolicy (and pairs.rounds) on several machines is not supported yet",
                         hint="run `mistral-tune pairs`-based pipelines on one machine, or give DPO fixed pairs (pairs=given)")
+    if cfg.export.enabled:  # a bad export.quant (or a missing extra) too, not after training
+        export.check_options(cfg)
     for stage in cfg.stages:  # every dataset first: a bad row fails in seconds, not after SFT
         if stage != sampled_stage(cfg):
             data.ensure(cfg, stage)
@@ -75,6 +77,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                     "eval.split_fraction split; give eval.files=[...] / eval.pref_files=[...])")
     elif cfg.eval.enabled:
         evaluate.run(cfg)  # before push, so the pushed model card carries the evaluation table
+    if cfg.export.enabled:  # GGUF for llama.cpp / Ollama; the card then names the files
+        export.run(cfg)
     if cfg.push.repo_id:
         push.run(cfg)
     if runs.is_main_process():
