@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import runs
 from mistral_tune.runs import RunDir
+from mistral_tune.evaluation import harness
 from mistral_tune.stages import rounds
 from mistral_tune.stages.data import eval_files
 
@@ -96,7 +97,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
         meta["model-index"] = [{"name": run_dir.root.resolve().name, "results": [{
             "task": {"type": "text-generation"},
             "dataset": {"name": ", ".join(held_out), "type": "held-out"},
-            "metrics": metrics}]}]
+            "metrics": metrics}, *harness.model_index_results(run_dir.root)]}]
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {run_dir.root.resolve().name}", ""]
@@ -163,6 +164,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                   "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
                   "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
                   "for SFT).", "", "```", results_table, "```", ""]
+        lines += harness.card_lines(run_dir.root)  # eval.harness: lm-eval's numbers, when it ran
         last = list(results)[-1]
         samples = results[last].get("samples", [])
         if samples:

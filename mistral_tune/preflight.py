@@ -35,6 +35,10 @@ def preflight(command: str, cfg: DictConfig) -> None:
         check_model(str(cfg.model.name_or_path), cfg.model.revision)
     if command in LAUNCHED_COMMANDS:
         check_launcher(cfg)
+    if command in ("eval", "pipeline") and cfg.eval.harness:  # lm-eval installed, task names known
+        from mistral_tune.evaluation.harness import check_tasks
+
+        check_tasks(list(cfg.eval.harness))
 
 
 def check_model(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path") -> None:
