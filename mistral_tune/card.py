@@ -164,7 +164,6 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                   "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
                   "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
                   "for SFT).", "", "```", results_table, "```", ""]
-        lines += harness.card_lines(run_dir.root)  # eval.harness: lm-eval's numbers, when it ran
         last = list(results)[-1]
         samples = results[last].get("samples", [])
         if samples:
@@ -172,6 +171,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
             lines += [f"| {_cell(x['prompt'])} | {_cell(x['generation'])} | {'yes' if x['correct'] else 'no'} |"
                       for x in samples]
             lines.append("")
+        lines += harness.card_lines(run_dir.root)  # eval.harness: lm-eval's numbers, when it ran
     else:
         lines += ["Not evaluated yet: `mistral-tune eval run_dir=...` adds the table here.", ""]
 

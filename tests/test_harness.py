@@ -25,7 +25,7 @@ from mistral_tune.evaluation import harness
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from mistral_tune.stages import evaluate
-from tests.helpers import tiny_mistral
+from tests.helpers import tiny_mistral, wandb_run_summary
 
 
 def need_lm_eval():
@@ -211,14 +211,14 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     need_lm_eval()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf")}
-    short = ["sft.trainer.max_steps=150", "dpo.trainer.max_steps=10", "eval.max_samples=60", "logger=none"]
+    short = ["sft.trainer.max_steps=150", "dpo.trainer.max_steps=10", "eval.max_samples=60"]
     run = lambda *args: subprocess.run([sys.executable, "-m", "mistral_tune", *args, f"run_dir={tmp_path / 'run'}", *short],
                                        capture_output=True, text=True, env=env)
-    proc = run("pipeline")
+    proc = run("pipeline", "logger=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results_file = tmp_path / "run" / "eval" / "results.json"
     before = results_file.stat().st_mtime_ns
-    proc = run("eval", "eval.harness=[mistral_tune_bundled,arc_easy]")
+    proc = run("eval", "eval.harness=[mistral_tune_bundled,arc_easy]", "logger=wandb")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("task arc_easy needs its dataset; it is not in the cache") == 1
@@ -237,8 +237,10 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     assert record["skipped"] == {"arc_easy": "needs its dataset; it is not in the cache"}
     card = (tmp_path / "run" / "merged" / "README.md").read_text()
     assert "lm-evaluation-harness" in card and harness.BUNDLED in card
-    again = run("eval", "eval.harness=[mistral_tune_bundled]")
+    logged = wandb_run_summary(next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert any(f"harness/dpo/{harness.BUNDLED}/exact_match,none" in h for h in logged["history"])
+    again = run("eval", "eval.harness=[mistral_tune_bundled]", "logger=none")
     assert again.returncode == 0 and "up to date, reused" in again.stderr
     assert json.loads((tmp_path / "run" / "eval" / "harness.json").read_text())["models"] == record["models"]
-    typo = run("eval", "eval.harness=[arc_eazy]")
+    typo = run("eval", "eval.harness=[arc_eazy]", "logger=none")
     assert typo.returncode == 2 and "did you mean 'arc_easy'" in typo.stderr

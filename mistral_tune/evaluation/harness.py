@@ -161,7 +161,8 @@ def load_tasks(names: list[str], manager, offline: bool) -> tuple[dict, dict[str
     loaded, skipped = {}, {}
     for name in names:
         try:
-            built = manager.load([name])
+            with _lm_eval_logging():
+                built = manager.load([name])
         except (ConnectionError, FileNotFoundError) as err:  # datasets' offline and not-found errors
             skipped[name] = ("needs its dataset; it is not in the cache" if offline
                              else f"could not load its dataset ({str(err).splitlines()[0][:200]})")
@@ -179,7 +180,9 @@ class _Quiet(logging.Filter):
     """lm-eval warns that a model object was passed in and that an instruct model runs without a
     chat template: both are what we mean here."""
 
-    NOISE = ("is not of type `str`", "already-initialized model", "appears to be an instruct")
+    NOISE = ("is not of type `str`", "already-initialized model", "appears to be an instruct",
+             "specified through cli",  # gen_kwargs: eval.max_new_tokens, set on purpose
+             "Custom kwargs can be passed")  # the bundled task's rows come through its metadata
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(n in record.getMessage() for n in self.NOISE)
@@ -231,7 +234,7 @@ def run_lm_eval(lm, items: dict[str, list], *, manager, limit, num_fewshot, chat
     import lm_eval
 
     flat = [obj for objs in items.values() for obj in objs]
-    with _lm_eval_logging():
+    with _lm_eval_logging():  # the caller's too (nested: the level and filters come back in order)
         res = lm_eval.simple_evaluate(model=lm, tasks=flat, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, apply_chat_template=chat_template,
                                       fewshot_as_multiturn=chat_template, gen_kwargs=gen_kwargs,
@@ -327,7 +330,8 @@ class Harness:
 
         start = time.perf_counter()
         log.info("harness: %s%s: %s", name, f" ({position})" if position else "", ", ".join(todo))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.eval.batch_size)
+        with _lm_eval_logging():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.eval.batch_size)
         entry = self.record["models"].setdefault(name, {})
         if entry.get("identity") != self.identity[name]:  # another model under this name: old results go
             entry.clear()
@@ -370,6 +374,8 @@ class Harness:
         """The models not evaluated yet (merged; every model when eval itself was up to date) that
         have a task to run, each loaded by `load(ref)` and let go after."""
         todo = [n for n in self.models if n not in done and self.missing(n)]
+        if not todo and not done:
+            log.info("harness: every result is up to date, reused (%s; delete it to redo)", self.path)
         for i, name in enumerate(todo):
             model = load(self.models[name])
             self.evaluate(name, model, tokenizer, f"{i + 1}/{len(todo)}")
@@ -381,7 +387,6 @@ class Harness:
         runs.write_json(self.path, record)
         lines = [f"harness: lm-eval {self.version}, {len(self.loaded)} task(s) on {len(self.models)} model(s) "
                  f"({sum(self.timings.values()):.1f}s; {self.path})"]
-        lines += [f"harness: task {t} {why}: skipped" for t, why in self.skipped.items()]
         shown = table(record, self.names)
         if shown:
             lines.append(shown)

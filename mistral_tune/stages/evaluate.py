@@ -368,7 +368,7 @@ def run(cfg: DictConfig) -> Path:
                 bench.evaluate(name, model, tokenizer, f"{i + 1}/{len(refs)}")
             del model
         add_rewards(results, logps, _beta(cfg), references(cfg))
-        runtime = time.perf_counter() - start
+        runtime = time.perf_counter() - start - (sum(bench.timings.values()) if bench else 0)  # eval's own
         if report_to:
             _log_wandb(results)
         if bench:
