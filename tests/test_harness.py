@@ -21,7 +21,7 @@ from mistral_tune import runs
 from mistral_tune.config import compose
 from mistral_tune.datasets import tasks
 from mistral_tune.errors import UserError
-from mistral_tune.evaluation import harness
+from mistral_tune.evaluation import harness, report
 from mistral_tune.formats.chat_format import ChatFormat
 from mistral_tune.formats.tokenizer import build_hf_tokenizer
 from mistral_tune.stages import evaluate
@@ -191,15 +191,15 @@ def test_table_and_card_lines_from_a_record(tmp_path):
                                              "subtasks": {}, "samples": 200}}},
         "dpo": {"tasks": {harness.BUNDLED: {"metrics": {"exact_match,none": {"value": 0.43, "stderr": 0.035}},
                                              "subtasks": {}, "samples": 200}}}}}
-    text = harness.table(record)
+    text = report.table(record)
     assert text.splitlines()[0].split() == ["task", "metric", "sft", "dpo"]
     assert "0.425 ± 0.035" in text and "0.430 ± 0.035" in text
     out = tmp_path / "eval"
     out.mkdir()
-    (out / harness.RESULTS).write_text(json.dumps(record))
-    card = "\n".join(harness.card_lines(tmp_path))
+    (out / report.RESULTS).write_text(json.dumps(record))
+    card = "\n".join(report.card_lines(tmp_path))
     assert "lm-evaluation-harness" in card and "0.430 ± 0.035" in card and "`arc_easy` needs its dataset" in card
-    (entry,) = harness.model_index_results(tmp_path)  # no merged model in the record: the last one
+    (entry,) = report.model_index_results(tmp_path)  # no merged model in the record: the last one
     assert entry["dataset"]["name"] == harness.BUNDLED and entry["metrics"][0]["value"] == 0.43
 
 
