@@ -23,6 +23,10 @@ For each model present in run_dir (rebuilt from its manifest, adapters merged):
 
 Writes run_dir/eval/results.json ({"base": {...}, "sft": {...}, "dpo": {...}}), prints a table,
 logs W&B tables, writes the merged model's card (mistral_tune.card), and the manifest last.
+
+`eval.harness=[task, ...]`: lm-evaluation-harness on each model while it is loaded, and on merged
+(mistral_tune/evaluation/harness.py, run_dir/eval/harness.json); not part of eval's fingerprint, so
+on a finished eval only the harness's missing results run.
 """
 
 from __future__ import annotations
