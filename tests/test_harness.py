@@ -244,3 +244,41 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     assert json.loads((tmp_path / "run" / "eval" / "harness.json").read_text())["models"] == record["models"]
     typo = run("eval", "eval.harness=[arc_eazy]", "logger=none")
     assert typo.returncode == 2 and "did you mean 'arc_easy'" in typo.stderr
+
+
+def test_hub_style_task_through_the_chat_template_few_shot_as_turns(tmp_path):
+    """What a hub task gets for a trained model: lm-eval renders the few-shot examples as chat turns
+    with the run tokenizer's template, one BOS, through the HFLM on our model (a local JSON
+    dataset stands in for the Hub one)."""
+    need_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i} + 1?", "a": f"{i} + 1 = {i + 1}"}) + "\n" for i in range(6)))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "qa.yaml").write_text(
+        f"task: qa\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
+        "fewshot_split: test\nnum_fewshot: 2\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n"
+        "generation_kwargs: {until: [], do_sample: false, max_gen_toks: 3}\n"
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n")
+    tok = build_hf_tokenizer("mistral_v1")
+    lm = HFLM(pretrained=tiny_mistral(vocab_size=len(tok)), tokenizer=tok, batch_size=2)
+    manager = TaskManager(include_path=str(tmp_path / "t"), include_defaults=False)
+    loaded, skipped = harness.load_tasks(["qa"], manager, offline=False)
+    assert not skipped
+    done, samples = harness.run_lm_eval(lm, loaded, manager=manager, limit=2, num_fewshot=None, chat_template=True,
+                                        log_samples=True)
+    assert done["qa"]["samples"] == 2 and "exact_match,none" in done["qa"]["metrics"]
+    fmt = ChatFormat("mistral_v1", "mistral_v1")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for s in samples["qa"]:
+        context = s["arguments"][0][0]
+        assert context.startswith("<s>[INST]") and context.count("[INST]") == 3 and context.endswith("[/INST]")
+        # the ids lm-eval feeds the model are those of the same conversation encoded as eval would
+        shots = sorted((r for r in rows if f"[INST] {r['q']} [/INST]" in context and r["q"] != s["doc"]["q"]),
+                       key=lambda r: context.index(r["q"]))
+        turns = [m for r in shots for m in ({"role": "user", "content": r["q"]}, {"role": "assistant", "content": r["a"]})]
+        ids = lm.tok_batch_encode([context])[0][0].tolist()
+        assert len(shots) == 2 and ids == fmt.encode_prompt([*turns, {"role": "user", "content": s["doc"]["q"]}])
+        assert ids.count(tok.bos_token_id) == 1
