@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mistral_tune import runs
 from mistral_tune.runs import RunDir
+from mistral_tune.evaluation import report as harness_report
 from mistral_tune.stages import rounds
 from mistral_tune.stages.data import eval_files
 
@@ -96,7 +97,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
         meta["model-index"] = [{"name": run_dir.root.resolve().name, "results": [{
             "task": {"type": "text-generation"},
             "dataset": {"name": ", ".join(held_out), "type": "held-out"},
-            "metrics": metrics}]}]
+            "metrics": metrics}, *harness_report.model_index_results(run_dir.root)]}]
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {run_dir.root.resolve().name}", ""]
@@ -170,6 +171,7 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
             lines += [f"| {_cell(x['prompt'])} | {_cell(x['generation'])} | {'yes' if x['correct'] else 'no'} |"
                       for x in samples]
             lines.append("")
+        lines += harness_report.card_lines(run_dir.root)  # eval.harness: lm-eval's numbers, when it ran
     else:
         lines += ["Not evaluated yet: `mistral-tune eval run_dir=...` adds the table here.", ""]
 

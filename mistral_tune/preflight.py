@@ -41,6 +41,10 @@ def preflight(command: str, cfg: DictConfig) -> None:
     if cfg.launcher.num_machines > 1 and cfg.launcher.machine_rank > 0 and command not in (*LAUNCHED_COMMANDS, "data", "plan"):
         raise UserError(f"`{command}` runs in one process, on machine rank 0: launcher.machine_rank="
                         f"{cfg.launcher.machine_rank} has nothing to do", hint="run it on machine rank 0 only")
+    if command in ("eval", "pipeline") and cfg.eval.harness:  # lm-eval installed, task names known
+        from mistral_tune.evaluation.harness import check_tasks
+
+        check_tasks(list(cfg.eval.harness))
 
 
 def check_model(name_or_path: str, revision: str | None = None, key: str = "model.name_or_path") -> None:

@@ -193,6 +193,8 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
         picked[path] = node
     if isinstance(picked.get("data"), dict):  # data.show prints examples: it changes no build
         picked["data"] = {k: v for k, v in picked["data"].items() if k != "show"}
+    if isinstance(picked.get("eval"), dict):  # the harness keeps its own per-task record (eval/harness.json)
+        picked["eval"] = {k: v for k, v in picked["eval"].items() if not k.startswith("harness")}
     if isinstance(picked.get("pairs"), dict):  # how many DPO rounds follow changes no one round
         picked["pairs"] = {k: v for k, v in picked["pairs"].items() if k != "rounds"}
     for node in picked.values():  # logging and checkpoint cadence do not change the result
@@ -262,7 +264,7 @@ def config_changes(old_config: Path, new: dict, limit: int = 6) -> str:
     ignored = (".logging_", ".save_")  # stage_config leaves these out of the decision
     changes = [f"{key}: {old_flat.get(key, '(unset)')} -> {new_flat.get(key, '(unset)')}"
                for key in sorted(old_flat.keys() | new_flat.keys())
-               if old_flat.get(key) != new_flat.get(key) and key != "data.show" and not any(m in f".{key.rsplit('.', 1)[-1]}" for m in ignored)]
+               if old_flat.get(key) != new_flat.get(key) and key != "data.show" and not key.startswith("eval.harness") and not any(m in f".{key.rsplit('.', 1)[-1]}" for m in ignored)]
     if not changes:
         return "no config key changed, so its inputs did (data files, tokenizer or the previous stage)"
     more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""

@@ -323,6 +323,18 @@ class EvalConfig:
     max_new_tokens: int = 16  # greedy generation length; the longest bundled answer is 15 tokens with EOS
     batch_size: int = 32  # sequences per forward pass (generation batches are left-padded)
     show: int = 5  # sample generations kept in results.json and the model card, per model
+    # lm-evaluation-harness (`pip install -e ".[eval]"`) on every model eval scores and on run_dir/merged:
+    # lm-eval task, group or tag names (`[arc_easy, hellaswag, gsm8k, ifeval]`, datasets from the Hub
+    # or its cache) and `mistral_tune_bundled` (this run's held-out chats, the prompts eval generates
+    # from, offline). Results: run_dir/eval/harness.json, the table, the card, W&B. Not part of eval's
+    # fingerprint: adding a task to a finished eval runs only the harness, only what is missing.
+    harness: list[str] = field(default_factory=list)
+    harness_limit: Optional[float] = None  # examples per task (below 1: a fraction of it) for quick runs; null: all
+    harness_num_fewshot: Optional[int] = None  # null: each task's own default (most are 0-shot)
+    # Hub tasks through the model's chat template, few-shot examples as turns: null = the trained models
+    # (and merged) yes, the base model no; true/false for all. mistral_tune_bundled is always pre-templated.
+    harness_chat_template: Optional[bool] = None
+    harness_models: Optional[list[str]] = None  # null: every model eval scores, and merged; or e.g. [dpo, merged]
 
 
 @dataclass

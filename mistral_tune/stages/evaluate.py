@@ -23,6 +23,10 @@ For each model present in run_dir (rebuilt from its manifest, adapters merged):
 
 Writes run_dir/eval/results.json ({"base": {...}, "sft": {...}, "dpo": {...}}), prints a table,
 logs W&B tables, writes the merged model's card (mistral_tune.card), and the manifest last.
+
+`eval.harness=[task, ...]`: lm-evaluation-harness on each model while it is loaded, and on merged
+(mistral_tune/evaluation/harness.py, run_dir/eval/harness.json); not part of eval's fingerprint, so
+on a finished eval only the harness's missing results run.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def load_eval_data(cfg: DictConfig, fmt: ChatFormat) -> dict:
         if chat_kind == "held_out" or messages[-1].get("tool_calls"):
             continue  # a chat that ends on a call: its calls are probed above
         prompt = messages[:-1]  # up to the last user turn (or tool result), earlier replies the reference ones
-        prompts.append({"ids": fmt.encode_prompt(prompt), "user": last_user(prompt),
+        prompts.append({"ids": fmt.encode_prompt(prompt), "user": last_user(prompt), "messages": prompt,
                         "reference": messages[-1]["content"],
                         "task": "tool_answer" if prompt[-1]["role"] == "tool" else None})
     pref_seqs = []
@@ -344,6 +348,8 @@ def run(cfg: DictConfig) -> Path:
     refs = model_refs(cfg)
     inputs = _inputs(cfg, refs)
     if runs.check_done(cfg, "eval", inputs):
+        if cfg.eval.harness:  # not part of eval's fingerprint: only the harness's missing results run
+            _harness_only(cfg, refs)
         return out
     runs.write_stage_config(cfg, "eval")
     run_dir = RunDir.of(cfg)
@@ -356,16 +362,22 @@ def run(cfg: DictConfig) -> Path:
 
     start = time.perf_counter()
     results, logps = {}, {}
+    bench = _harness(cfg, refs, data, tokenizer)
     with tracking.tracked(cfg, "eval") as report_to:
-        for name, ref in refs.items():
+        for i, (name, ref) in enumerate(refs.items()):
             model = load_policy(cfg, ref, inference=True).to(_device())
             results[name], logps[name] = evaluate_model(model, data, tokenizer, cfg)
             results[name]["model"] = ref
+            if bench and name in bench.models:  # while the model is loaded
+                bench.evaluate(name, model, tokenizer, f"{i + 1}/{len(refs)}")
             del model
         add_rewards(results, logps, _beta(cfg), references(cfg))
-        runtime = time.perf_counter() - start
+        runtime = time.perf_counter() - start - (sum(bench.timings.values()) if bench else 0)  # eval's own
         if report_to:
             _log_wandb(results)
+        if bench:
+            bench.evaluate_rest(tokenizer, lambda ref: load_policy(cfg, ref, inference=True).to(_device()), tuple(refs))
+            summary = bench.finish(report_to)
     runs.write_json(out / "results.json", results)
     counts = {"chats": len(data["loss"]), "prompts": len(data["prompts"]), "tool_calls": len(data["calls"]),
               "pairs": len(data["pairs"]) // 2}
@@ -373,12 +385,39 @@ def run(cfg: DictConfig) -> Path:
     print(f"eval: {counts['prompts']} held-out prompts{calls}, {counts['pairs']} held-out pairs "
           f"({runtime:.1f}s; {out / 'results.json'})")
     print(table(results))
+    if bench:
+        print(summary)
     card_path = card.write_card(cfg, results, table(results))
     if card_path:
         log.info("eval: model card in %s", card_path)
     runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts, "files": data["files"],
                                     "runtime": round(runtime, 3), "beta": _beta(cfg)}, inputs)
     return out
+
+
+def _harness(cfg: DictConfig, refs: dict, data: dict, tokenizer):
+    """lm-eval beside eval (mistral_tune/evaluation/harness.py), prepared; None without eval.harness."""
+    if not cfg.eval.harness:
+        return None
+    from mistral_tune.evaluation.harness import Harness
+
+    bench = Harness(cfg, refs)
+    bench.prepare(data["prompts"], tokenizer)
+    return bench
+
+
+def _harness_only(cfg: DictConfig, refs: dict) -> None:
+    """eval is up to date and eval.harness asks for results: run only those missing, rewrite the card."""
+    run_dir = RunDir.of(cfg)
+    log.info("eval: results.json is up to date (reused); running only the harness's missing results")
+    tokenizer = load_tokenizer(run_dir.tokenizer)
+    bench = _harness(cfg, refs, load_eval_data(cfg, ChatFormat.load(run_dir, "eval")), tokenizer)
+    with tracking.tracked(cfg, "eval") as report_to:
+        bench.evaluate_rest(tokenizer, lambda ref: load_policy(cfg, ref, inference=True).to(_device()))
+        summary = bench.finish(report_to)
+    print(summary)
+    results = json.loads((runs.stage_dir(cfg, "eval") / "results.json").read_text())
+    card.write_card(cfg, results, table(results))
 
 
 def _log_wandb(results: dict) -> None:
