@@ -89,7 +89,7 @@ def test_eval_cli_writes_results_table_and_model_card(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results) == ["base", "sft", "dpo"]
     for name, r in results.items():
-        for key in ("task_score", "preference_accuracy", "eval_loss", "perplexity", "samples"):
+        for key in ("task_score", "preferred_rate", "preference_accuracy", "eval_loss", "perplexity", "samples"):
             assert r[key] is not None, (name, key)
         assert math.isclose(r["perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
         assert 0 <= r["task_score"] <= 1 and len(r["samples"]) == 5
@@ -109,7 +109,7 @@ def test_eval_cli_writes_results_table_and_model_card(tmp_path):
     (file, c), = counts.items()
     row = f"| sft | {Path(file).name} | {c['read']} | {c['kept']} | {c['rejected']} |"
     for needle in ("## Data", row, "mistral_v1", "learning_rate", "beta",
-                   "## Evaluation", "task_score", "AutoModelForCausalLM", "transformers "):
+                   "## Evaluation", "task_score", "preferred_rate", "AutoModelForCausalLM", "transformers "):
         assert needle in card, needle
     # W&B off still works (logger=none above); rerunning skips the finished evaluation.
     again = subprocess.run([sys.executable, "-m", "mistral_tune", "eval", f"run_dir={tmp_path}", *short],
