@@ -2,11 +2,17 @@
 
     python data/make_data.py
 
-sft.jsonl       OpenAI `messages` chats, 1-3 checkable questions each, some with a system prompt
+sft.jsonl       OpenAI `messages` chats, 1-3 checkable questions each, some with a system prompt;
+                60% of the replies (tasks.CHATTER_RATE) add a line of chatter after the answer
 dpo.jsonl       preference pairs in the UltraFeedback-binarized layout: `prompt` string,
-                `chosen`/`rejected` full conversations, `score_chosen`/`score_rejected`
-eval_sft.jsonl  held-out chats (another seed) for evaluation
-eval_dpo.jsonl  held-out preference pairs
+                `chosen`/`rejected` full conversations, `score_chosen`/`score_rejected`. Both
+                replies are the right answer; the chosen one keeps the bundled rule (the answer
+                only, tasks.follows_rule), the rejected one adds chatter: a signal on the rule and
+                none on correctness
+eval_sft.jsonl  held-out chats (another seed) for evaluation, their questions all from the
+                held-out part of the question space (tasks.held_out), which the training files
+                never draw from: eval's prompts are new prompts
+eval_dpo.jsonl  held-out preference pairs, likewise
 tools_sft.jsonl tool use (OpenAI layout, mistral_v3/mistral_v7 only): arithmetic questions that the
                 assistant answers by calling a `calculator` tool, reading its result and stating
                 it; some rows call twice in parallel, some hold a second question, and some ask a
@@ -28,23 +34,26 @@ from mistral_tune.datasets import tasks
 HERE = Path(__file__).resolve().parent
 
 
-def sft_rows(n: int, seed: int) -> list[dict]:
+def sft_rows(n: int, seed: int, held: bool) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": tasks.conversation(rng, turns=rng.choice([1, 2, 2, 3]))} for _ in range(n)]
+    return [{"messages": tasks.conversation(rng, turns=rng.choice([1, 2, 2, 3]), held=held, chatter=tasks.CHATTER_RATE)}
+            for _ in range(n)]
 
 
-def dpo_rows(n: int, seed: int) -> list[dict]:
+def dpo_rows(n: int, seed: int, held: bool) -> list[dict]:
+    """Pairs on the rule alone: the same right answer, bare (chosen) or with chatter (rejected).
+    (Pairs of a right and a wrong answer taught this 9M-parameter model nothing measurable:
+    bench/results/pairs.md.)"""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        history = tasks.conversation(rng, turns=rng.choice([0, 0, 1]))
-        task, user, right = tasks.question(rng)
+        history = tasks.conversation(rng, turns=rng.choice([0, 0, 1]), held=held, chatter=tasks.CHATTER_RATE)
+        _, user, right = tasks.question_in(rng, held)
         prompt = history + [{"role": "user", "content": user}]
-        wrong = tasks.wrong_answer(task, user, rng)
         rows.append({
             "prompt": user,
             "chosen": prompt + [{"role": "assistant", "content": right}],
-            "rejected": prompt + [{"role": "assistant", "content": wrong}],
+            "rejected": prompt + [{"role": "assistant", "content": tasks.with_chatter(right, rng)}],
             "score_chosen": 9.0,
             "score_rejected": 2.0,
         })
@@ -124,9 +133,9 @@ def write(name: str, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    write("sft.jsonl", sft_rows(1200, seed=1))
-    write("dpo.jsonl", dpo_rows(600, seed=2))
-    write("eval_sft.jsonl", sft_rows(200, seed=101))
-    write("eval_dpo.jsonl", dpo_rows(200, seed=102))
+    write("sft.jsonl", sft_rows(1200, seed=1, held=False))
+    write("dpo.jsonl", dpo_rows(600, seed=2, held=False))
+    write("eval_sft.jsonl", sft_rows(200, seed=101, held=True))
+    write("eval_dpo.jsonl", dpo_rows(200, seed=102, held=True))
     write("tools_sft.jsonl", tool_rows(400, seed=3))
     write("eval_tools.jsonl", tool_rows(100, seed=103))

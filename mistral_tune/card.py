@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig
 
 from mistral_tune import runs
+from mistral_tune.datasets import tasks
 from mistral_tune.runs import RunDir
 from mistral_tune.evaluation import report as harness_report
 from mistral_tune.stages import rounds
@@ -92,7 +93,8 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
     if results:
         last = list(results)[-1]
         metrics = [{"type": k, "name": k, "value": round(results[last][k], 4)}
-                   for k in ("task_score", "eval_loss", "perplexity", "preference_accuracy", "reward_margin")
+                   for k in ("task_score", "preferred_rate", "eval_loss", "perplexity", "preference_accuracy",
+                             "reward_margin")
                    if results[last].get(k) is not None]
         meta["model-index"] = [{"name": run_dir.root.resolve().name, "results": [{
             "task": {"type": "text-generation"},
@@ -157,6 +159,8 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
     if results:
         task = ("`task_score`: greedy answers exactly right; " if any(r.get("task_score") is not None
                                                                        for r in results.values()) else "")
+        if any(r.get("preferred_rate") is not None for r in results.values()):
+            task += f"`preferred_rate`: greedy replies that keep the bundled rule ({tasks.RULE}), right or wrong; "
         lines += [f"Held-out data: {', '.join(held_out)} "
                   f"(at most {cfg.eval.max_samples} rows each). `eval_loss`/`perplexity`: on the trained tokens "
                   f"of the held-out chats; {task}"

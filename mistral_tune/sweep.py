@@ -87,8 +87,9 @@ def _aligned(rows: list[list[str]]) -> str:
 
 
 SEED_KEYS = ("seed", "model.init_seed")
-EVAL_METRICS = ("task_score", "preference_accuracy", "eval_loss")
-TABLE_COLUMNS = (*EVAL_METRICS, "task_score_gain")  # gain: over the model in the row above
+EVAL_METRICS = ("task_score", "preferred_rate", "preference_accuracy", "eval_loss")
+GAINS = ("task_score", "preferred_rate")  # each model's gain over the model in the row above, per seed
+TABLE_COLUMNS = (*EVAL_METRICS, *(f"{m}_gain" for m in GAINS))
 
 
 def seed_groups(jobs: list[dict]) -> dict[str, dict]:
@@ -117,9 +118,10 @@ def seed_groups(jobs: list[dict]) -> dict[str, dict]:
                 if all(isinstance(v, (int, float)) for v in values):
                     models.setdefault(name, {})[metric] = [statistics.fmean(values), statistics.stdev(values)]
             # The gain over the model before, seed by seed: the spread of a difference, not of levels.
-            if previous and "task_score" in models.get(name, {}) and "task_score" in models.get(previous, {}):
-                gains = [results[name]["task_score"] - results[previous]["task_score"] for _, results in members]
-                models[name]["task_score_gain"] = [statistics.fmean(gains), statistics.stdev(gains)]
+            for metric in GAINS:
+                if previous and metric in models.get(name, {}) and metric in models.get(previous, {}):
+                    gains = [results[name][metric] - results[previous][metric] for _, results in members]
+                    models[name][f"{metric}_gain"] = [statistics.fmean(gains), statistics.stdev(gains)]
             previous = name
         out[rest] = {"seeds": [" ".join(s) for s, _ in members], "models": models}
     return out
@@ -135,7 +137,7 @@ def seed_table(groups: dict[str, dict]) -> str:
         if column not in metrics:
             return "-"
         mean, sd = metrics[column]
-        return f"{mean:+.3f} ± {sd:.3f}" if column == "task_score_gain" else f"{mean:.3f} ± {sd:.3f}"
+        return f"{mean:+.3f} ± {sd:.3f}" if column.endswith("_gain") else f"{mean:.3f} ± {sd:.3f}"
 
     parts = []
     for rest, group in groups.items():

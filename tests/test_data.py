@@ -379,3 +379,23 @@ def test_malformed_files_through_the_cli_subprocess(tmp_path):
         assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, proc.stderr
         if proc.returncode == 2:
             assert str(path) in proc.stderr or "no usable rows" in proc.stderr
+
+
+def test_bundled_training_data_is_decontaminated_against_the_bundled_held_out_files(tmp_path):
+    """The bundled chats and pairs are checked against the prompts of data/eval_sft.jsonl and
+    data/eval_dpo.jsonl (eval's held-out files) and the report counts the matches: none, since
+    data/make_data.py draws the held-out questions from another part of the question space. Other
+    files, and the tool task, are checked only against data.decontaminate.files, as before."""
+    cfg = compose([f"run_dir={tmp_path}", "logger=none"])
+    held = sorted(str(data.DATA_DIR / name) for name in data.BUNDLED_EVAL.values())
+    assert sorted(data._decontaminate_files(cfg, "sft")) == held and sorted(data._decontaminate_files(cfg, "dpo")) == held
+    assert sorted(data._decontaminate_files(compose([f"run_dir={tmp_path}", "pairs=onpolicy"]), "dpo")) == held
+    own = write_jsonl(tmp_path / "own.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "hello"}]}])
+    assert data._decontaminate_files(compose([f"run_dir={tmp_path}", f"sft.data.files=[{own}]"]), "sft") == []
+    tools = str(data.DATA_DIR / "tools_sft.jsonl")
+    assert data._decontaminate_files(compose([f"run_dir={tmp_path}", f"sft.data.files=[{tools}]"]), "sft") == []
+    _, report = build(tmp_path / "b", "sft.data.limit=300", "dpo.data.limit=100")
+    for kind in ("sft", "dpo"):
+        assert sorted(report[kind]["decontaminate"]["files"]) == held and report[kind]["decontaminate"]["prompts"] > 500
+        assert report[kind]["decontaminated"] == 0 and report[kind]["kept"] == report[kind]["read"]

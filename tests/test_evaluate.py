@@ -89,7 +89,7 @@ def test_eval_cli_writes_results_table_and_model_card(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results) == ["base", "sft", "dpo"]
     for name, r in results.items():
-        for key in ("task_score", "preference_accuracy", "eval_loss", "perplexity", "samples"):
+        for key in ("task_score", "preferred_rate", "preference_accuracy", "eval_loss", "perplexity", "samples"):
             assert r[key] is not None, (name, key)
         assert math.isclose(r["perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
         assert 0 <= r["task_score"] <= 1 and len(r["samples"]) == 5
@@ -109,9 +109,35 @@ def test_eval_cli_writes_results_table_and_model_card(tmp_path):
     (file, c), = counts.items()
     row = f"| sft | {Path(file).name} | {c['read']} | {c['kept']} | {c['rejected']} |"
     for needle in ("## Data", row, "mistral_v1", "learning_rate", "beta",
-                   "## Evaluation", "task_score", "AutoModelForCausalLM", "transformers "):
+                   "## Evaluation", "task_score", "preferred_rate", "AutoModelForCausalLM", "transformers "):
         assert needle in card, needle
     # W&B off still works (logger=none above); rerunning skips the finished evaluation.
     again = subprocess.run([sys.executable, "-m", "mistral_tune", "eval", f"run_dir={tmp_path}", *short],
                            capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "eval: already complete" in again.stderr
+
+
+def test_preferred_rate_is_the_rule_checkers_verdict_on_each_greedy_reply(monkeypatch):
+    """preferred_rate: the fraction of greedy replies to bundled task questions that keep the rule
+    (tasks.follows_rule), whatever their correctness; replies to other questions and after tool
+    results do not count. Compared with the plain count over the decoded replies."""
+    from omegaconf import OmegaConf
+
+    from mistral_tune.datasets import tasks
+    from mistral_tune.formats.chat_format import ChatFormat
+
+    tokenizer = ChatFormat(TEMPLATE, TEMPLATE).hf_tokenizer()
+    cases = [("What is 12 + 30?", "12 + 30 = 42", None), ("What is 12 + 30?", "12 + 30 = 42\nHope this helps!", None),
+             ("Sort these digits: 3, 1, 2", "1, 3, 2", None), ("Say the word lemon 3 times.", "lemon\nAnything else?", None),
+             ("Name a colour.", "Blue.\nHappy to help!", None), ("What is 5 - 2?", "5 - 2 = 3.\nHi", "tool_answer")]
+    data = {"loss": [], "pairs": [], "calls": [],
+            "prompts": [{"ids": [1], "user": u, "reference": "Blue.", "task": t} for u, _, t in cases]}
+    replies = [tokenizer(r, add_special_tokens=False).input_ids for _, r, _ in cases]
+    monkeypatch.setattr(evaluate, "generate", lambda model, prompts, *a: replies)
+    cfg = OmegaConf.create({"eval": {"batch_size": 4, "max_new_tokens": 16, "show": 0}})
+    result, _ = evaluate.evaluate_model(torch.nn.Linear(1, 1), data, tokenizer, cfg)
+    judged = [tasks.follows_rule(u, tokenizer.decode(ids, skip_special_tokens=True).strip())
+              for (u, _, t), ids in zip(cases, replies) if t is None]
+    judged = [j for j in judged if j is not None]
+    assert len(judged) == 4 and result["preferred_rate"] == sum(judged) / len(judged) == 0.5
+    assert result["task_score"] == 2 / 6  # 12 + 30 twice: the chatter after the answer line is the rule's business

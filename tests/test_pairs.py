@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mistral_tune.config import compose
+from mistral_tune.datasets import tasks
 from mistral_tune.errors import UserError
 from mistral_tune.runs import RunDir
 from mistral_tune.stages import data, pairs
@@ -42,11 +43,16 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_task_checker_scores_right_and_wrong_answers(tmp_path):
+    """The default verifier: one point for the right answer (tasks.check), one for the bundled rule
+    (tasks.follows_rule: the answer alone, no chatter), each the plain checker's verdict."""
     score, name = pairs.verifier(_cfg(tmp_path))
+    replies = ["2 + 3 = 5", "2 + 3 = 6", " 2 + 3 = 5 ", "2 + 3 = 5\nHope this helps!", "2 + 3 = 6\nAnything else?"]
     prompts = [{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "user": "What is 2 + 3?",
-                "reference": "2 + 3 = 5"}] * 3
-    assert name == "bundled task checker"
-    assert score(prompts, ["2 + 3 = 5", "2 + 3 = 6", " 2 + 3 = 5 "]) == [1.0, 0.0, 1.0]
+                "reference": "2 + 3 = 5"}] * len(replies)
+    assert name == "bundled task checker + rule checker"
+    assert score(prompts, replies) == [2.0, 1.0, 2.0, 1.0, 0.0]
+    assert score(prompts, replies) == [float(tasks.check("What is 2 + 3?", r)) + float(tasks.follows_rule("What is 2 + 3?", r))
+                                       for r in replies]
     other = {"messages": [{"role": "user", "content": "Name a colour."}], "user": "Name a colour.", "reference": "Red."}
     assert score([other, other], ["Red.", "Blue."]) == [1.0, 0.0]  # exact match with the reference
     with pytest.raises(UserError, match="not a bundled task"):
@@ -130,7 +136,7 @@ def test_prompt_only_rows_need_no_reference_reply(tmp_path):
     assert [(p["user"], p["reference"]) for p in prompts] == [("What is 3 + 4?", None), ("Sort these digits: 3, 1, 2", None)]
     assert prompts[0]["messages"][0] == {"role": "system", "content": "Be brief."}
     check, _ = pairs.verifier(cfg)
-    assert check(prompts, ["3 + 4 = 7", "1, 3, 2"]) == [1.0, 0.0]
+    assert check(prompts, ["3 + 4 = 7", "1, 3, 2"]) == [2.0, 1.0]  # right + rule; wrong, rule kept
     prompts_file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="line 1"):
         pairs.load_prompts(cfg)
@@ -358,7 +364,7 @@ def test_tool_chats_are_scored_as_eval_scores_them_and_their_pairs_keep_the_tool
     score, _ = pairs.verifier(cfg)
     candidates = [["120 - 327 = -207.", "120 + 327 = 447"], ["The larger number is 9.", "The larger number is 4."]]
     scores = [score([q] * 2, c) for q, c in zip(prompts, candidates)]
-    assert scores == [[1.0, 0.0], [1.0, 0.0]]
+    assert scores == [[1.0, 0.0], [2.0, 1.0]]  # the reply after a tool result: exact match only, no rule point
 
     rows, report = pairs.build_pairs(prompts, candidates, scores)
     assert report["pairs"] == 2 and all(r["tools"] == sources.load_rows([chats], "sft").rows[0]["messages"][0]["tools"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -58,7 +59,8 @@ def test_jobs_that_differ_only_in_seed_get_a_mean_and_spread_table(tmp_path):
         (run / "eval").mkdir(parents=True)
         (run / "eval" / "results.json").write_text(json.dumps({
             "sft": {"task_score": scores[seed], "preference_accuracy": 0.9, "eval_loss": 0.25},
-            "dpo": {"task_score": scores[seed] + 0.1, "preference_accuracy": None}}))
+            "dpo": {"task_score": scores[seed] + 0.1, "preference_accuracy": None,
+                    "preferred_rate": 0.5 + float(seed) / 10}}))
         jobs.append({"job": k, "overrides": [f"seed={seed}", f"lr={lr}"], "run_dir": str(run), "objective": 0.0})
     jobs.append({"job": 4, "overrides": ["seed=3", "lr=a"], "run_dir": str(tmp_path / "4"), "objective": None,
                  "error": "failed"})
@@ -67,7 +69,9 @@ def test_jobs_that_differ_only_in_seed_get_a_mean_and_spread_table(tmp_path):
     sft = groups["lr=a"]["models"]["sft"]
     assert sft["task_score"] == pytest.approx([0.44, 0.04]) and sft["preference_accuracy"] == pytest.approx([0.9, 0.0])
     # preference_accuracy None: not averaged; the gain over sft is the same 0.1 on every seed.
+    # preferred_rate only on dpo: averaged there, no gain without it on the model before.
     assert groups["lr=a"]["models"]["dpo"] == {"task_score": pytest.approx([0.54, 0.04]),
+                                               "preferred_rate": pytest.approx([0.6, 0.1]),
                                                "task_score_gain": pytest.approx([0.1, 0.0])}
     assert "task_score_gain" not in sft  # the first model has none before it
     text = sweep.write_summary(tmp_path, jobs, "eval/dpo/task_score", "maximize")
@@ -97,3 +101,19 @@ def test_hparams_search_configs_compose_when_the_optuna_sweeper_is_installed(tmp
     for path in sorted((CONFIG_DIR / "hparams_search").glob("*.yaml")):
         cfg = compose([f"hparams_search={path.stem}", f"run_dir={tmp_path}"])
         assert sweep.objective_name(cfg, "pipeline") and sweep.direction(cfg, sweep.objective_name(cfg, "pipeline"))
+
+
+def test_preferred_rate_gain_is_paired_seed_by_seed(tmp_path):
+    """preferred_rate_gain: each seed's DPO minus SFT preferred_rate, then mean and sd (the plain
+    differences computed here), not the difference of the two means' spreads."""
+    jobs, sft_rates, dpo_rates = [], [0.2, 0.5, 0.3], [0.9, 1.0, 0.95]
+    for k, (a, b) in enumerate(zip(sft_rates, dpo_rates)):
+        run = tmp_path / str(k)
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({
+            "sft": {"task_score": 0.4, "preferred_rate": a}, "dpo": {"task_score": 0.4, "preferred_rate": b}}))
+        jobs.append({"job": k, "overrides": [f"seed={k}"], "run_dir": str(run), "objective": 0.0})
+    dpo = sweep.seed_groups(jobs)[""]["models"]["dpo"]
+    diffs = [b - a for a, b in zip(sft_rates, dpo_rates)]
+    assert dpo["preferred_rate_gain"] == pytest.approx([statistics.fmean(diffs), statistics.stdev(diffs)])
+    assert "preferred_rate_gain" in sweep.seed_table(sweep.seed_groups(jobs)).splitlines()[1]

@@ -115,8 +115,8 @@ def cache_inputs(cfg: DictConfig, kind: str, fmt: ChatFormat) -> dict:
         "cleaning": {
             "dedup": cfg.data.dedup,
             "near_dup_threshold": cfg.data.near_dup_threshold,
-            "decontaminate": {str(p): _file_digest(p) for p in sources.expand_files(list(decontaminate.files))}
-            if decontaminate.files else {},
+            "decontaminate": {str(p): _file_digest(p) for p in sources.expand_files(_decontaminate_files(cfg, kind))}
+            if _decontaminate_files(cfg, kind) else {},
             "ngram": decontaminate.ngram,
             "overlong": cfg.data.overlong,
             "max_drop_fraction": cfg.data.max_drop_fraction,
@@ -492,7 +492,7 @@ def build(cfg: DictConfig, kind: str) -> None:
             show_built(run_dir, kind, cfg.data.show)
         return
     runs.write_stage_config(cfg, stage)
-    decontaminator = cleaning.Decontaminator(list(cfg.data.decontaminate.files), cfg.data.decontaminate.ngram)
+    decontaminator = cleaning.Decontaminator(_decontaminate_files(cfg, kind), cfg.data.decontaminate.ngram)
     held_rows, held_prompts = split_eval(cfg, kind)
     eval_path = out / EVAL_ROWS
     eval_path.unlink(missing_ok=True)
@@ -534,6 +534,24 @@ def build(cfg: DictConfig, kind: str) -> None:
 BUNDLED_EVAL = {"sft": "eval_sft.jsonl", "dpo": "eval_dpo.jsonl"}  # data/: held out from the bundled sets
 # The held-out file of each bundled training file that has its own (the calculator tool task).
 BUNDLED_EVAL_OF = {"tools_sft.jsonl": "eval_tools.jsonl"}
+
+
+# The bundled training files whose rows are checked against the bundled held-out files' prompts.
+# data/make_data.py draws the held-out questions from a part of the question space the training
+# files never use (tasks.held_out), so none should match; the build counts it (`decontaminated`).
+# (The calculator tool files predate that split and are left as they were.)
+HELD_OUT_OF = ("sft.jsonl", "dpo.jsonl")
+
+
+def _decontaminate_files(cfg: DictConfig, kind: str) -> list[str]:
+    """data.decontaminate.files, plus the bundled held-out files when `kind` trains on the bundled
+    chats or pairs (on-policy pairs from the bundled prompts too)."""
+    files = list(cfg.data.decontaminate.files)
+    names = {Path(f).name for f in cfg[kind].data.files or []}
+    onpolicy = kind == "dpo" and cfg.pairs.name == "onpolicy" and not cfg.pairs.prompts_files
+    if is_bundled(cfg, kind) and (onpolicy or names <= set(HELD_OUT_OF)):
+        files += [str(DATA_DIR / name) for name in BUNDLED_EVAL.values()]
+    return files
 
 
 def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:

@@ -11,6 +11,9 @@ For each model present in run_dir (rebuilt from its manifest, adapters merged):
   (`tool_call`, on the user's held-out rows too): the generation must be [TOOL_CALLS] and the
   same calls, names and arguments (`score_call`). Fraction right over all probes, and per task;
   `tool_call_well_formed`: the calls parse and name the right functions, arguments aside.
+- `preferred_rate`: on the same greedy replies to bundled task questions, the fraction that keep
+  the bundled rule (`tasks.follows_rule`: the answer alone, no chatter after it), right or wrong;
+  what DPO on the bundled pairs is for (`tasks.RULE`). Absent where no prompt is a bundled task.
 - `preference_accuracy`, `logp_margin`: on held-out pairs (`eval.pref_files`), the fraction where
   the model's log-probability of the chosen completion (summed over its tokens) beats the
   rejected one's, and the mean difference. The same definition for every model, so the column
@@ -253,13 +256,16 @@ def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict,
         result["preference_accuracy"] = sum(d > 0 for d in diffs) / len(diffs)
         result["logp_margin"] = sum(diffs) / len(diffs)
     per_task: dict[str, list[int]] = {}
-    samples, well_formed = [], []
+    samples, well_formed, rule = [], [], []
     if data["prompts"]:
         completions = generate(model, [p["ids"] for p in data["prompts"]], pad, eos, cfg.eval.max_new_tokens, bs)
         for prompt, ids in zip(data["prompts"], completions):
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
             task, right = score(prompt["user"], prompt["reference"], answer, prompt.get("task"))
             per_task.setdefault(task, []).append(int(right))
+            follows = None if prompt.get("task") else tasks.follows_rule(prompt["user"], answer)
+            if follows is not None:
+                rule.append(int(follows))
             if len(samples) < cfg.eval.show:
                 samples.append({"prompt": prompt["user"], "reference": prompt["reference"],
                                 "generation": answer, "correct": right})
@@ -278,6 +284,8 @@ def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict,
         result["task_score"] = sum(map(sum, per_task.values())) / sum(map(len, per_task.values()))
         result["task_scores"] = {t: sum(v) / len(v) for t, v in sorted(per_task.items())}
         result["samples"] = samples
+    if rule:
+        result["preferred_rate"] = sum(rule) / len(rule)
     return result, pair_logps
 
 
@@ -298,7 +306,7 @@ def add_rewards(results: dict, logps: dict, beta: float, reference: dict[str, st
         results["base"].update(reference=None, reward_accuracy=None, reward_margin=None)
 
 
-COLUMNS = ("task_score", "eval_loss", "perplexity", "preference_accuracy", "reward_accuracy", "reward_margin")
+COLUMNS = ("task_score", "preferred_rate", "eval_loss", "perplexity", "preference_accuracy", "reward_accuracy", "reward_margin")
 
 
 def table(results: dict) -> str:

@@ -10,8 +10,9 @@ errors it does make (online/iterative DPO, RL from verifiable rewards). After th
 2. samples `pairs.num_samples` completions per prompt from that policy (batched `generate`,
    temperature/top_p, seeded by `seed`; under a launcher each rank samples a shard and rank 0
    gathers them); with `pairs.greedy`, each prompt's greedy reply (what eval decodes) too;
-3. scores each with a verifier: the bundled tasks' exact checker (as `eval` scores them; exact
-   match with the chat's reference reply for other prompts), a user function
+3. scores each with a verifier: by default the bundled tasks' exact checker (as `eval` scores
+   them) plus their rule checker (`tasks.follows_rule`, eval's `preferred_rate`), one point each,
+   exact match with the chat's reference reply for other prompts; a user function
    (`pairs.reward=module:function`, called as function(prompt, completion) -> float, prompt the
    last user turn's text), or a reward model (`pairs.reward_model=<path or hub id>`, a
    sequence-classification model, its first logit);
@@ -180,10 +181,14 @@ def verifier(cfg: DictConfig):
             if q["reference"] is None and (q.get("task") or not _is_task(q["user"])):
                 raise UserError(f"pairs: prompt {q['user'][:60]!r} is not a bundled task and has no reference reply",
                                 hint="score it with pairs.reward=module:function or pairs.reward_model=...")
-            values.append(float(task_score(q["user"], q["reference"] or "", c, q.get("task"))[1]))
+            value = float(task_score(q["user"], q["reference"] or "", c, q.get("task"))[1])
+            # The bundled rule counts as much as the answer: a right bare answer 2, a right answer
+            # with chatter or a wrong bare one 1, a wrong one with chatter 0.
+            follows = None if q.get("task") else tasks.follows_rule(q["user"], c)
+            values.append(value + float(bool(follows)) if follows is not None else value)
         return values
 
-    return check, "bundled task checker"
+    return check, "bundled task checker + rule checker"
 
 
 def _is_task(user: str) -> bool:
