@@ -106,7 +106,8 @@ def test_prompts_through_lm_evals_hflm_are_evals_ids_with_one_bos(tmp_path, temp
 
 def test_lm_evals_exact_match_agrees_with_evals_checker(tmp_path):
     """lm-eval's metric and filters (not our checker) on known answers: right, right with spaces
-    around, wrong, and empty; the mean equals eval's score of the same answers."""
+    around, wrong, empty, and right with chatter after it (the bundled rule broken, still right); the
+    mean equals eval's score of the same answers."""
     need_lm_eval()
     import lm_eval
     from lm_eval.api.model import LM
@@ -117,7 +118,7 @@ def test_lm_evals_exact_match_agrees_with_evals_checker(tmp_path):
     answers = {}
     for i, (row, p) in enumerate(zip(rows, prompts)):
         answers[row["prompt"]] = [row["target"], f"  {row['target']}\n", tasks.wrong_answer(row["task"], p["user"], rng),
-                                  "", row["target"] + "."][i % 5]
+                                  "", row["target"] + ".", row["target"] + "\nHope this helps!"][i % 6]
 
     class Answers(LM):
         def generate_until(self, requests, disable_tqdm=False):
@@ -135,7 +136,7 @@ def test_lm_evals_exact_match_agrees_with_evals_checker(tmp_path):
         False, str(write_rows(tmp_path, rows))), gen_kwargs={"max_gen_toks": 16})
     ours = [evaluate.score(p["user"], p["reference"], answers[r["prompt"]].strip(), p.get("task"))[1]
             for r, p in zip(rows, prompts)]
-    got = harness._metrics(res["results"][harness.BUNDLED])["exact_match,none"]
+    got = harness._metrics(res["results"][harness.BUNDLED])["exact_match,answer_line"]
     assert got["value"] == pytest.approx(sum(ours) / len(ours)) and 0 < got["value"] < 1
     assert got["stderr"] > 0
     assert lm.kwargs["max_gen_toks"] == 16 and lm.kwargs["do_sample"] is False
@@ -230,15 +231,15 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     for name in ("sft", "dpo"):
         entry = record["models"][name]["tasks"][harness.BUNDLED]
         assert entry["samples"] == 60 and entry["prompt_mismatches"] == 0
-        assert abs(entry["metrics"]["exact_match,none"]["value"] - results[name]["task_score"]) <= 0.01, (name, entry, results[name])
+        assert abs(entry["metrics"]["exact_match,answer_line"]["value"] - results[name]["task_score"]) <= 0.01, (name, entry, results[name])
     assert results["sft"]["task_score"] >= 0.05  # answers some (0.117 here): the comparison means something
-    merged = record["models"]["merged"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,none"]["value"]
-    assert merged == record["models"]["dpo"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,none"]["value"]
+    merged = record["models"]["merged"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,answer_line"]["value"]
+    assert merged == record["models"]["dpo"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,answer_line"]["value"]
     assert record["skipped"] == {"arc_easy": "needs its dataset; it is not in the cache"}
     card = (tmp_path / "run" / "merged" / "README.md").read_text()
     assert "lm-evaluation-harness" in card and harness.BUNDLED in card
     logged = wandb_run_summary(next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")))
-    assert any(f"harness/dpo/{harness.BUNDLED}/exact_match,none" in h for h in logged["history"])
+    assert any(f"harness/dpo/{harness.BUNDLED}/exact_match,answer_line" in h for h in logged["history"])
     again = run("eval", "eval.harness=[mistral_tune_bundled]", "logger=none")
     assert again.returncode == 0 and "up to date, reused" in again.stderr
     assert json.loads((tmp_path / "run" / "eval" / "harness.json").read_text())["models"] == record["models"]
