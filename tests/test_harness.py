@@ -212,7 +212,7 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     need_lm_eval()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf")}
-    short = ["sft.trainer.max_steps=150", "dpo.trainer.max_steps=10", "eval.max_samples=60"]
+    short = ["sft.trainer.max_steps=300", "dpo.trainer.max_steps=10", "eval.max_samples=60"]
     run = lambda *args: subprocess.run([sys.executable, "-m", "mistral_tune", *args, f"run_dir={tmp_path / 'run'}", *short],
                                        capture_output=True, text=True, env=env)
     proc = run("pipeline", "logger=none")
@@ -232,7 +232,7 @@ def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
         entry = record["models"][name]["tasks"][harness.BUNDLED]
         assert entry["samples"] == 60 and entry["prompt_mismatches"] == 0
         assert abs(entry["metrics"]["exact_match,answer_line"]["value"] - results[name]["task_score"]) <= 0.01, (name, entry, results[name])
-    assert results["sft"]["task_score"] >= 0.05  # answers some (0.117 here): the comparison means something
+    assert results["sft"]["task_score"] >= 0.05  # answers some: the comparison means something (150 steps gave 0.017 once the held-out questions were new)
     merged = record["models"]["merged"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,answer_line"]["value"]
     assert merged == record["models"]["dpo"]["tasks"][harness.BUNDLED]["metrics"]["exact_match,answer_line"]["value"]
     assert record["skipped"] == {"arc_easy": "needs its dataset; it is not in the cache"}
