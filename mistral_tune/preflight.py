@@ -57,15 +57,20 @@ def check_model(name_or_path: str, revision: str | None = None, key: str = "mode
         check_hub_model(name_or_path, revision, key)
 
 
+def adapter_base(folder: Path) -> str | None:
+    """The base model a PEFT adapter folder names (adapter_config.json), None when unreadable."""
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except ValueError:
+        return None
+
+
 def check_model_folder(path: Path, key: str = "model.name_or_path") -> None:
     """A folder transformers can load a causal LM from, with intact safetensors weights."""
     if not path.is_dir():
         raise UserError(f"{key}={path} is a file; give the model's folder")
     if (path / "adapter_config.json").exists():
-        try:
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except ValueError:
-            base = None
+        base = adapter_base(path)
         raise UserError(
             f"{key}={path} holds a PEFT adapter, not a model" + (f" (its base: {base})" if base else ""),
             hint=f"give the base, model.name_or_path={base or 'BASE'}; to start from base + adapter, merge them first "

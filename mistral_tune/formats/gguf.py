@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_tune.errors import UserError
+from mistral_tune.preflight import adapter_base
 
 log = logging.getLogger("mistral_tune")
 
@@ -89,10 +90,7 @@ def check_source(folder: Path, key: str = "export.model") -> dict:
     if not folder.is_dir():
         raise UserError(f"{key}={folder} is a file; give the model's folder (e.g. run_dir/merged)")
     if (folder / "adapter_config.json").exists():
-        try:
-            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except ValueError:
-            base = None
+        base = adapter_base(folder)
         raise UserError(f"{key}={folder} holds a LoRA/PEFT adapter, not a model"
                         + (f" (its base: {base})" if base else "")
                         + "; export the merged model instead (mistral-tune merge writes run_dir/merged)")
