@@ -376,6 +376,7 @@ def wait_built(cfg: DictConfig, kind: str, poll_s: float = 2.0) -> dict:
                                     "seed": cfg.seed}
             manifest = runs.read_manifest(cfg, stage)
             if manifest and manifest.get("fingerprint") == runs.stage_key(cfg, stage, inputs):
+                log.info("data/%s: machine rank %d reads machine rank 0's build", kind, cfg.launcher.machine_rank)
                 return manifest
             reason = "a build from other inputs is there" if manifest else "no build yet"
         except (UserError, OSError, ValueError) as err:  # its inputs not written yet (e.g. pairs.jsonl)
