@@ -20,11 +20,12 @@ Turn a Mistral base model into an instruct model. Commands:
   sft        supervised fine-tuning (full, LoRA, QLoRA) into run_dir/sft
   dpo        preference tuning (from run_dir/sft by default) into run_dir/dpo
   orpo       odds-ratio preference optimisation, no reference model, into run_dir/orpo
+  kto        KTO on replies labelled good or bad (pairs split), from run_dir/sft by default, into run_dir/kto
   merge      merge adapters into full-precision weights: run_dir/merged
   eval       the base model and each trained stage side by side on held-out data: run_dir/eval
   push       upload run_dir/merged to the Hugging Face Hub (push.repo_id=org/name)
   export     run_dir/merged as GGUF for llama.cpp / Ollama: run_dir/export (export.quant=f16|q8_0|q4_k_m)
-  pipeline   data -> stages (stages=[sft,dpo] by default; [orpo], [sft], ...) -> merge -> eval (-> push)
+  pipeline   data -> stages (stages=[sft,dpo] by default; [orpo], [sft,kto], [sft], ...) -> merge -> eval (-> push)
   tokenizer  write the HF tokenizer with its chat template to run_dir/tokenizer
   plan       parameters, steps per epoch and per-GPU memory, without loading weights
   chat       talk to run_dir/merged through its chat template (stdin lines when piped)
@@ -39,7 +40,7 @@ Show the composed config with: mistral-tune <command> --cfg job (search path and
 Set MISTRAL_TUNE_TRACEBACK=1 to see tracebacks of user errors.
 """
 
-COMMANDS = ("data", "sft", "dpo", "orpo", "merge", "eval", "push", "pipeline", "tokenizer", "plan", "chat", "export")
+COMMANDS = ("data", "sft", "dpo", "orpo", "kto", "merge", "eval", "push", "pipeline", "tokenizer", "plan", "chat", "export")
 log = logging.getLogger("mistral_tune")
 
 

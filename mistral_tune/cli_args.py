@@ -125,6 +125,11 @@ COMMAND_HELP = {
     "orpo": ("Odds-ratio preference optimisation (no reference model) into run_dir/orpo; stages=[orpo] trains it from the base.",
              ["stages", "orpo.data.files", "orpo.data.max_length", "orpo.trainer.beta", "orpo.trainer.learning_rate",
               "orpo.trainer.num_train_epochs", "orpo.trainer.max_steps", "peft.method"]),
+    "kto": ("KTO on replies labelled desirable or undesirable (preference pairs split into one of each), from "
+            "run_dir/sft by default, into run_dir/kto; stages=[sft,kto] in a pipeline.",
+            ["stages", "kto.data.files", "kto.data.max_length", "kto.trainer.beta", "kto.trainer.learning_rate",
+             "kto.trainer.desirable_weight", "kto.trainer.undesirable_weight", "kto.trainer.num_train_epochs",
+             "kto.trainer.max_steps", "kto.trainer.per_device_train_batch_size", "peft.method"]),
     "merge": ("Merge the adapters of the last stage into full-precision weights: run_dir/merged.",
               ["merge.dtype", "merge.atol", "merge.max_shard_size"]),
     "eval": ("Evaluate the base model and each trained stage side by side on held-out data: run_dir/eval.",
@@ -146,7 +151,7 @@ COMMAND_HELP = {
              ["chat.max_new_tokens", "chat.temperature", "chat.system", "model.name_or_path"]),
 }
 COMMON_KEYS = ["run_dir", "model.name_or_path", "template.name", "seed", "force"]
-TRAINING = ("sft", "dpo", "orpo", "pipeline")
+TRAINING = ("sft", "dpo", "orpo", "kto", "pipeline")
 
 
 def command_help(command: str, cfg=None, choices: dict | None = None) -> str:
@@ -198,7 +203,7 @@ def _trl_default(key: str):
     if stage == "orpo":
         from trl.experimental.orpo import ORPOConfig as cls
     else:
-        cls = trl.SFTConfig if stage == "sft" else trl.DPOConfig
+        cls = {"sft": trl.SFTConfig, "kto": trl.KTOConfig}.get(stage, trl.DPOConfig)
     for f in dataclasses.fields(cls):
         if f.name == name:
             return f.default if f.default is not dataclasses.MISSING else "?"

@@ -173,7 +173,7 @@ def resolve_model_defaults(cfg: DictConfig, overrides: list[str]) -> list[tuple[
         return "command line" if key in keys else where
 
     choices = []
-    for kind in ("sft", "dpo", "orpo"):  # every stage's, so a later `stages=` sees the same values
+    for kind in ("sft", "dpo", "orpo", "kto"):  # every stage's, so a later `stages=` sees the same values
         data, shown = cfg[kind].data, kind in cfg.stages
         if data.max_length is not None:
             value, why = data.max_length, source(f"{kind}.data.max_length")
@@ -204,7 +204,7 @@ def resolve_model_defaults(cfg: DictConfig, overrides: list[str]) -> list[tuple[
                        else f"model.default_peft ({where})"))
     for kind in cfg.stages:
         trainer = cfg[kind].trainer
-        for key in ("learning_rate", "num_train_epochs", *(["beta"] if kind == "dpo" else [])):
+        for key in ("learning_rate", "num_train_epochs", *(["beta"] if kind in ("dpo", "kto") else [])):
             value = trainer.get(key) if not OmegaConf.is_missing(trainer, key) else "TRL default"
             choices.append((f"{kind}.trainer.{key}", str(value), source(f"{kind}.trainer.{key}")))
     import torch
@@ -274,7 +274,7 @@ def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
 def unknown_key_message(key: str) -> str:
     from mistral_tune.schema import OWNED_TRAINER_FIELDS
 
-    stage_key = re.fullmatch(r"(sft|dpo|orpo)\.trainer\.(\w+)", key)
+    stage_key = re.fullmatch(r"(sft|dpo|orpo|kto)\.trainer\.(\w+)", key)
     if stage_key and stage_key.group(2) in OWNED_TRAINER_FIELDS:
         return f"'{key}' is set by mistral_tune: {OWNED_TRAINER_FIELDS[stage_key.group(2)]}"
     hint = ""

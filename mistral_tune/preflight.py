@@ -24,8 +24,8 @@ from mistral_tune.errors import UserError
 
 log = logging.getLogger("mistral_tune")
 
-MODEL_COMMANDS = ("sft", "dpo", "orpo", "pipeline", "merge", "eval", "plan")
-LAUNCHED_COMMANDS = ("sft", "dpo", "orpo", "pipeline")
+MODEL_COMMANDS = ("sft", "dpo", "orpo", "kto", "pipeline", "merge", "eval", "plan")
+LAUNCHED_COMMANDS = ("sft", "dpo", "orpo", "kto", "pipeline")
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json")
 

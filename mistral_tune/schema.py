@@ -2,8 +2,8 @@
 
 Every node is a dataclass, so a misspelt key (``sft.trainer.learning_rat=1``) or a value of the
 wrong type is a composition error, never a silently ignored value. The per-stage TRL arguments
-(``sft.trainer.*``, ``dpo.trainer.*``, ``orpo.trainer.*``) are dataclasses generated from TRL's own
-``SFTConfig``, ``DPOConfig`` and (experimental) ``ORPOConfig`` fields, so every argument the pinned TRL accepts can be set from the command line,
+(``sft.trainer.*``, ``dpo.trainer.*``, ``orpo.trainer.*``, ``kto.trainer.*``) are dataclasses generated from
+TRL's own ``SFTConfig``, ``DPOConfig``, (experimental) ``ORPOConfig`` and ``KTOConfig`` fields, so every argument the pinned TRL accepts can be set from the command line,
 and nothing else can. Unset trainer fields stay ``???`` (MISSING) and TRL's own default applies.
 """
 
@@ -57,20 +57,21 @@ def trainer_schema(trl_config_cls: type, name: str) -> type:
     return dataclasses.make_dataclass(name, fields)
 
 
-def _trl_configs() -> tuple[type, type, type]:
-    from trl import DPOConfig, SFTConfig
+def _trl_configs() -> tuple[type, type, type, type]:
+    from trl import DPOConfig, KTOConfig, SFTConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "You are importing from 'trl.experimental'"
         from trl.experimental.orpo import ORPOConfig
 
-    return SFTConfig, DPOConfig, ORPOConfig
+    return SFTConfig, DPOConfig, ORPOConfig, KTOConfig
 
 
-_SFT, _DPO, _ORPO = _trl_configs()
+_SFT, _DPO, _ORPO, _KTO = _trl_configs()
 SFTTrainerArgs = trainer_schema(_SFT, "SFTTrainerArgs")
 DPOTrainerArgs = trainer_schema(_DPO, "DPOTrainerArgs")
 ORPOTrainerArgs = trainer_schema(_ORPO, "ORPOTrainerArgs")
+KTOTrainerArgs = trainer_schema(_KTO, "KTOTrainerArgs")
 
 
 @dataclass
@@ -205,6 +206,17 @@ class ORPOStage:
     trainer: ORPOTrainerArgs = field(default_factory=ORPOTrainerArgs)
     # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
     # target_modules, use_rslora), e.g. orpo.peft={r: 64, lora_alpha: 64}.
+    peft: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class KTOStage:
+    # KTO (TRL's KTOTrainer) on unpaired replies labelled desirable or not, or on preference pairs
+    # split into one of each; built by mistral_tune.training.trainers.build_kto_trainer.
+    data: StageData = field(default_factory=StageData)
+    trainer: KTOTrainerArgs = field(default_factory=KTOTrainerArgs)
+    # LoRA settings of this stage's adapter over peft.* (r, lora_alpha, lora_dropout,
+    # target_modules, use_rslora), e.g. kto.peft={r: 64, lora_alpha: 64}.
     peft: dict[str, Any] = field(default_factory=dict)
 
 
@@ -373,7 +385,7 @@ class Config:
     seed: int = 42
     force: bool = False  # re-run a completed stage whose recorded config differs
     # The training stages, in order: each starts from the model the one before it left (the first
-    # from the base model); merge takes the last. [sft], [sft, dpo], [orpo], [sft, orpo], ...
+    # from the base model); merge takes the last. [sft], [sft, dpo], [orpo], [sft, kto], ...
     stages: list[str] = field(default_factory=lambda: ["sft", "dpo"])
     model: ModelConfig = field(default_factory=ModelConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
@@ -382,6 +394,7 @@ class Config:
     sft: SFTStage = field(default_factory=SFTStage)
     dpo: DPOStage = field(default_factory=DPOStage)
     orpo: ORPOStage = field(default_factory=ORPOStage)
+    kto: KTOStage = field(default_factory=KTOStage)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     push: PushConfig = field(default_factory=PushConfig)

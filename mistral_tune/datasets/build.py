@@ -46,7 +46,7 @@ class Encoder:
     """Encodes chunks of normalised rows; the same object runs in this process or in a worker."""
 
     fmt: ChatFormat
-    layout: str  # "sft" or "dpo"
+    layout: str  # "sft", "dpo" or "kto"
     train_on: str
     max_length: int
     overlong: str = "drop"
@@ -73,11 +73,16 @@ class Encoder:
         return SFT_SCHEMA if self.layout == "sft" else DPO_SCHEMA
 
     def encode(self, row: dict, verify: bool = True) -> tuple[tuple, dict | None]:
-        if self.layout == "dpo":
+        if self.layout in ("dpo", "kto"):
             # Pairs are never truncated: cutting the prompt changes what the preference was
             # judged on, and cutting a completion drops its EOS. An over-long pair is dropped.
-            prompt, chosen, rejected = self.fmt.encode_preference(row["prompt"], row["chosen"], row["rejected"],
-                                                                  verify=verify)
+            # A KTO row is a pair or one side of one: the missing side is stored empty (the data
+            # stage then makes each side one example, datasets/unpaired.py).
+            sides = (row["chosen"], row["rejected"])
+            given = next(reply for reply in sides if reply is not None)
+            prompt, chosen, rejected = self.fmt.encode_preference(
+                row["prompt"], *(given if reply is None else reply for reply in sides), verify=verify)
+            chosen, rejected = ([] if reply is None else ids for ids, reply in zip((chosen, rejected), sides))
             length = len(prompt) + max(len(chosen), len(rejected))
             if length > self.max_length:
                 return ("long", length), None

@@ -50,9 +50,9 @@ def row_text(row: dict, kind: str) -> str:
     """All the text of a normalised row, each message prefixed by its role."""
     messages = row["messages"] if kind == "sft" else row["prompt"]
     text = "\n".join(f"{m['role']}: {_message_text(m)}" for m in messages)
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):  # kto: an unpaired row has one of the two (sources._unpaired)
         text += "".join(f"\n{name}: {_message_text(r) if isinstance(r, dict) else r}"
-                        for name, r in (("chosen", row["chosen"]), ("rejected", row["rejected"])))
+                        for name, r in (("chosen", row["chosen"]), ("rejected", row["rejected"])) if r is not None)
     return text
 
 

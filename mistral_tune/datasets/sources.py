@@ -7,6 +7,9 @@ Normalised rows:
   sft: {"messages": [{"role", "content"}, ...]}  optional leading system, then user/assistant
        strictly alternating, ending with assistant.
   dpo: {"prompt": [messages ending with user], "chosen": str, "rejected": str}
+  kto: the same, a pair or one side of one: an unpaired row (prompt, completion, label) is
+       {"prompt", "chosen": completion, "rejected": None} when label is true (desirable), else
+       {"prompt", "chosen": None, "rejected": completion}; the data stage splits pairs later.
 
 Tool use (OpenAI layout, `messages` and preference rows only): a row's `tools` ([{"type":
 "function", "function": {"name", "description", "parameters"}}], or that list as JSON text)
@@ -25,6 +28,8 @@ Formats (`fmt`, or detected per row when "auto"):
        prompt_completion (prompt/completion strings, or messages)
   dpo: preference (prompt + chosen/rejected: strings, or conversations ending with the assistant
        reply as in UltraFeedback-binarized; the prompt may then be omitted)
+  kto: unpaired (prompt/completion/label, TRL's unpaired preference layout: label a JSON bool)
+       or preference (a pair, read as for dpo: one desirable and one undesirable reply)
 
 Row numbers are 1-based: the line number for .jsonl, the record index otherwise (for .csv the
 header is not counted). Message positions inside a field are 0-based, as in `messages[2].role`.
@@ -54,6 +59,7 @@ SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 # One DPO layout: prompt + chosen/rejected, each of chosen/rejected a string or a message list
 # (UltraFeedback-binarized: the full conversation whose last message is the assistant reply).
 DPO_FORMATS = ("preference",)
+KTO_FORMATS = ("unpaired", "preference")
 ROLES = ("system", "user", "assistant")
 _OPENAI_ROLES = {r: r for r in (*ROLES, "tool")}  # tool results: OpenAI layout only
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant",
@@ -234,11 +240,11 @@ def hub_fingerprint(src: Source) -> str:
 
 
 def _check_arguments(kind: str, on_error: str, fmt: str) -> None:
-    if kind not in ("sft", "dpo", "prompts"):
-        raise UserError(f"unknown data kind {kind!r}; expected 'sft' or 'dpo'")
+    if kind not in ("sft", "dpo", "kto", "prompts"):
+        raise UserError(f"unknown data kind {kind!r}; expected 'sft', 'dpo' or 'kto'")
     if on_error not in ("raise", "skip"):
         raise UserError(f"unknown data.on_error={on_error!r}; expected 'raise' or 'skip'")
-    formats = DPO_FORMATS if kind == "dpo" else SFT_FORMATS
+    formats = {"dpo": DPO_FORMATS, "kto": KTO_FORMATS}.get(kind, SFT_FORMATS)
     if fmt != "auto" and fmt not in formats:
         raise UserError(f"unknown {kind} data format {fmt!r}; expected 'auto' or one of {', '.join(formats)}")
 
@@ -504,6 +510,8 @@ def _read_csv(path: Path, columns: dict):
 
 
 def _cell(column: str, text: str) -> Any:
+    if column == "label" and text.strip().lower() in ("true", "false"):  # KTO's label: CSV holds only text
+        return text.strip().lower() == "true"
     if column in _LIST_COLUMNS and text.lstrip().startswith("["):
         try:
             value = json.loads(text)
@@ -519,6 +527,8 @@ def _cell(column: str, text: str) -> Any:
 def _normalise(row: object, kind: str, fmt: str) -> dict:
     if not isinstance(row, dict):
         raise _RowError("<row>", f"row is not an object (got {_type(row)})")
+    if kind == "kto":
+        return _unpaired(row, fmt)
     if kind == "dpo":
         if fmt == "auto" and not _has(row, "prompt", "chosen", "rejected"):
             raise _unknown(row, "prompt/chosen/rejected (preference pairs)")
@@ -558,6 +568,22 @@ def _normalise(row: object, kind: str, fmt: str) -> dict:
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
     prompt, (completion,) = _prompt_and_replies(row, ("completion",))
     return {"messages": prompt + [_as_message(completion)]}
+
+
+def _unpaired(row: dict, fmt: str) -> dict:
+    """A KTO row: a preference pair (kept whole; the data stage makes it one desirable and one
+    undesirable example) or an unpaired reply with its bool label."""
+    if fmt == "preference" or (fmt == "auto" and _has(row, "chosen") and _has(row, "rejected")):
+        return _normalise(row, "dpo", "auto" if fmt == "auto" else "preference")
+    if fmt == "auto" and not (_has(row, "completion") and _get(row, "label") is not None):
+        raise _unknown(row, "prompt/completion/label (unpaired) or prompt/chosen/rejected (pairs)")
+    label = _get(row, "label")
+    if label is None:
+        raise _RowError("label", "missing field 'label' (true: a desirable reply, false: an undesirable one)")
+    if not isinstance(label, bool):  # "false" or 0 read as true would train the opposite preference
+        raise _RowError("label", f"must be a JSON boolean (true or false), got {_show(label)}")
+    prompt, (completion,) = _prompt_and_replies(row, ("completion",))
+    return {"prompt": prompt, "chosen": completion if label else None, "rejected": None if label else completion}
 
 
 def _prompt_and_replies(row: dict, names: tuple[str, ...]) -> tuple[list[dict], list[str | dict]]:

@@ -1,8 +1,9 @@
 """The `data` stage: sources -> validated rows -> cleaned, templated, tokenized, masked examples.
 
 One build per training stage's dataset, each keyed on its own inputs: run_dir/data/<stage>/
-(`sft`, `dpo`, `orpo`) holds dataset/ (datasets.save_to_disk; chat rows carry `input_ids` and
-`assistant_masks`, preference rows `prompt_ids`, `chosen_ids`, `rejected_ids`, TRL's names),
+(`sft`, `dpo`, `orpo`, `kto`) holds dataset/ (datasets.save_to_disk; chat rows carry `input_ids` and
+`assistant_masks`, preference rows `prompt_ids`, `chosen_ids`, `rejected_ids`, KTO's unpaired
+examples `prompt_ids`, `completion_ids`, `label`: TRL's names),
 report.json that accounts for every input row, rejects.jsonl (every row not used, with its
 reason), length_histogram.png, config.yaml and manifest.json. Giving one stage new data rebuilds
 that stage's data alone. The first build fixes the run's chat format (run_dir/data/format.json)
@@ -44,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mistral_tune import runs
 from mistral_tune.datasets import build as build_engine
-from mistral_tune.datasets import cleaning, sources
+from mistral_tune.datasets import cleaning, sources, unpaired
 from mistral_tune.errors import UserError
 from mistral_tune.formats import templates
 from mistral_tune.formats import tokenizer as hf_tokenizer
@@ -121,7 +122,8 @@ def cache_inputs(cfg: DictConfig, kind: str, fmt: ChatFormat) -> dict:
             "overlong": cfg.data.overlong,
             "max_drop_fraction": cfg.data.max_drop_fraction,
         },
-        "seed": cfg.seed if weighted else None,  # only weighted mixtures are random
+        # only weighted mixtures and KTO's example order (datasets/unpaired.py) are random
+        "seed": cfg.seed if weighted or DATA_LAYOUT[kind] == "kto" else None,
     }
 
 
@@ -235,6 +237,8 @@ def build_stage(cfg: DictConfig, kind: str, fmt: ChatFormat, decontaminator: cle
     _check_drops(cfg, kind, report)
     build_engine.save_dataset(pieces, dataset_dir)
     shutil.rmtree(parts_dir, ignore_errors=True)
+    if layout == "kto":  # each pair -> a desirable and an undesirable example, counted
+        report.update(unpaired.unpair(dataset_dir, cfg.seed))
     rejects_tmp.replace(rejects_path)
     return report, stats["length"]
 
@@ -260,6 +264,16 @@ def _token_stats(kind: str, stats: dict[str, list[int]]) -> dict:
         total = sum(lengths)
         trained = sum(stats["trained"])
         out = {"tokens": total, "length": _length_stats(lengths), "trained_tokens": trained}
+    elif kind == "kto":
+        # One example per side present (a pair gives two): prompt + its completion, the completion trained.
+        prompt, chosen, rejected = stats["prompt"], stats["chosen"], stats["rejected"]
+        sides = [(c > 0) + (r > 0) for c, r in zip(chosen, rejected)]
+        trained = sum(chosen) + sum(rejected)
+        total = sum(p * n for p, n in zip(prompt, sides)) + trained
+        out = {"tokens": total, "length": _length_stats(lengths), "trained_tokens": trained,
+               "prompt_length": _length_stats(prompt),
+               "desirable_length": _length_stats([c for c in chosen if c]),
+               "undesirable_length": _length_stats([r for r in rejected if r])}
     else:
         # DPO trains on the completions: chosen and rejected, each after the shared prompt.
         # `tokens` counts prompt + chosen (one sequence per pair), `pair_tokens` all three.
@@ -287,7 +301,7 @@ def write_histogram(kind: str, lengths: list[int], max_length: int, path: Path) 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(lengths, bins=min(50, max(1, len(set(lengths)))), color="#4c72b0")
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length {max_length}")
-    what = "prompt + longer completion" if DATA_LAYOUT[kind] == "dpo" else "input_ids"
+    what = "input_ids" if DATA_LAYOUT[kind] == "sft" else "prompt + longer completion"
     ax.set(title=f"{kind}: {len(lengths)} examples", xlabel=f"tokens ({what})", ylabel="examples")
     ax.legend(loc="upper right")
     fig.tight_layout()
@@ -324,6 +338,15 @@ def show_pairs(examples: list[dict], tokenizer, n: int) -> None:
         print("-" * 40)
 
 
+def show_unpaired(examples: list[dict], tokenizer, n: int) -> None:
+    """Print KTO examples: the prompt, then the completion (all of it trained) in [[...]] with its label."""
+    for e in examples[:n]:
+        print("prompt:     " + tokenizer.decode(e["prompt_ids"]).replace("\n", "\\n"))
+        print(f"{'desirable' if e['label'] else 'undesirable':<11} [[" +
+              tokenizer.decode(e["completion_ids"]).replace("\n", "\\n") + "]]")
+        print("-" * 40)
+
+
 def show_built(run_dir: RunDir, kind: str, n: int) -> None:
     """`data.show=N`: the first N examples of the built dataset on disk, as the trainer reads them."""
     from datasets import load_from_disk
@@ -331,7 +354,7 @@ def show_built(run_dir: RunDir, kind: str, n: int) -> None:
     dataset = load_from_disk(str(run_dir.dataset(kind)))
     examples = [dataset[i] for i in range(min(n, len(dataset)))]
     print(f"data/{kind}: the first {len(examples)} of {len(dataset)} examples (trained tokens in [[...]])")
-    show = show_examples if DATA_LAYOUT[kind] == "sft" else show_pairs
+    show = {"sft": show_examples, "dpo": show_pairs, "kto": show_unpaired}[DATA_LAYOUT[kind]]
     show(examples, load_tokenizer(run_dir.tokenizer), n)
 
 
@@ -452,6 +475,9 @@ def split_eval(cfg: DictConfig, kind: str) -> tuple[list[dict], list[str]]:
     if fraction == 0 or is_bundled(cfg, kind):
         return [], []
     layout = DATA_LAYOUT[kind]
+    if layout == "kto":  # eval reads held-out chats and pairs; unpaired rows would train nothing and measure nothing
+        log.info("data/%s: no eval split of KTO rows (give eval.files=[...] / eval.pref_files=[...])", kind)
+        return [], []
 
     def prompts_and_rows():  # streamed twice: a 200k-row dataset is never held in memory
         for src in stage_sources(cfg, kind):
@@ -521,6 +547,9 @@ def build(cfg: DictConfig, kind: str) -> None:
     truncated = f" (truncated {r['truncated']})" if "truncated" in r else ""
     log.info("data/%s: read %d, kept %d%s, rejected %d%s, too long %d%s; %d tokens",
              kind, r["read"], r["kept"], truncated, r["rejected"], extra, r["too_long"], mixed, r["tokens"])
+    if "pairs_split" in r:
+        log.info("data/%s: %d desirable and %d undesirable examples (%d pairs split into one of each)",
+                 kind, r["desirable"], r["undesirable"], r["pairs_split"])
     if held_rows:
         log.info("data/%s: %d rows held out for eval (eval.split_fraction %s) in %s; training rows sharing "
                  "their prompts dropped", kind, len(held_rows), cfg.eval.split_fraction, eval_path)
@@ -562,7 +591,9 @@ def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
     given = cfg.eval.files if layout == "sft" else cfg.eval.pref_files
     if given is not None:
         return list(given), "given"
-    stage = next((s for s in cfg.stages if DATA_LAYOUT[s] == layout and has_data(cfg, s)), None)
+    # KTO's bundled data is the bundled pairs, so it is evaluated on their held-out pairs
+    stage = next((s for s in cfg.stages if has_data(cfg, s) and (DATA_LAYOUT[s] == layout or (
+        layout == "dpo" and DATA_LAYOUT[s] == "kto" and is_bundled(cfg, s)))), None)
     if stage is None:
         return [], "none"
     if is_bundled(cfg, stage):

@@ -154,7 +154,7 @@ def memory(config, counts: dict, cfg: DictConfig, stage: str, method: str, setup
       otherwise: w=g=dtype bytes, o=2*w (AdamW m, v in the parameter dtype); LoRA adapters are fp32.
     reference = DPO with full training: a frozen copy of the policy (/N under ZeRO-3)
     activations = tokens * (L * h * w + layer) with checkpointing, tokens * L * layer without,
-      layer = w * (6h + 2 kv + 4 i) per token; tokens = batch * max_length (* 2 for DPO pairs)
+      layer = w * (6h + 2 kv + 4 i) per token; tokens = batch * max_length (* 2 for DPO pairs and KTO rows with their KL rows)
     logits    = tokens * vocab * 4 * 2 (fp32 logits and their gradient; an upper bound)
     overhead  = 1 GiB."""
     n, zero = setup["num_gpus"], setup["zero"]
@@ -172,7 +172,7 @@ def memory(config, counts: dict, cfg: DictConfig, stage: str, method: str, setup
         "weights": (w_frozen_bytes + T * wt) / (n if zero >= 3 else 1),
         "gradients": T * g / (n if zero >= 2 else 1),
         "optimizer": 0 if setup["offload_optimizer"] else T * o / (n if zero >= 1 else 1),
-        "reference": (counts["total"] * w / (n if zero >= 3 else 1)) if stage == "dpo" and method == "none" else 0,
+        "reference": (counts["total"] * w / (n if zero >= 3 else 1)) if stage in ("dpo", "kto") and method == "none" else 0,
     }
     if setup["offload_param"] and zero >= 3:
         parts["weights"] = parts["reference"] = 4 * counts["largest_layer"]  # one gathered layer at a time
@@ -180,7 +180,7 @@ def memory(config, counts: dict, cfg: DictConfig, stage: str, method: str, setup
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
     bs = _trainer_value(cfg, stage, "per_device_train_batch_size", 8)
-    tokens = bs * seq * (2 if stage == "dpo" else 1)
+    tokens = bs * seq * (2 if stage in ("dpo", "kto") else 1)  # KTO: each row and its KL (mismatched) row
     layer = w * (6 * h + 2 * kv + 4 * i)
     ckpt = _trainer_value(cfg, stage, "activation_checkpointing", None)
     ckpt = _trainer_value(cfg, stage, "gradient_checkpointing", True) if ckpt is None else ckpt

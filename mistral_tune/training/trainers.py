@@ -1,9 +1,9 @@
 """The one place that builds TRL trainers, and the one place that reaches into TRL's internals.
 
-Stages and bench/run.py call `build_sft_trainer`, `build_dpo_trainer` (with `dpo_reference`) and
-`build_orpo_trainer`; nothing else subclasses or patches a TRL trainer. Every trainer built here
-stops at the first non-finite loss and refuses a checkpoint that will not fit on disk; SFT and DPO
-also get the lean LM head of mistral_tune/training/lean.py where TRL's has no Triton kernel.
+Stages and bench/run.py call `build_sft_trainer`, `build_dpo_trainer` (with `dpo_reference`),
+`build_orpo_trainer` and `build_kto_trainer`; nothing else subclasses or patches a TRL trainer. Every
+trainer built here stops at the first non-finite loss and refuses a checkpoint that will not fit on
+disk; SFT, DPO and KTO also get the lean LM head of mistral_tune/training/lean.py where TRL's has no Triton kernel.
 Also here: TRL arguments from the config (`trl_args`), resume, metrics.
 """
 
@@ -55,6 +55,8 @@ TRL_INTERNALS = (
              "SFTTrainer.__init__ calls it through this module global, so that is what lean_heads patches"),
     Internal("trl.trainer.dpo_trainer:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
              "DPOTrainer.__init__ calls it through this module global (policy and reference)"),
+    Internal("trl.trainer.kto_trainer:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+             "KTOTrainer.__init__ calls it through this module global (policy and reference)"),
     Internal("trl.trainer.utils:_use_triton", ("device",),
              "where TRL's head has a Triton kernel it is already compact, and stays"),
     Internal("trl.trainer.utils:FusedCausalLMOutput",
@@ -63,6 +65,10 @@ TRL_INTERNALS = (
     Internal("trl.trainer.dpo_trainer:DPOTrainer._prepare_dataset",
              ("self", "dataset", "processing_class", "args", "dataset_name"),
              "overridden: pre-tokenized prompt_ids/chosen_ids/rejected_ids rows skip TRL's chat-template tokenization"),
+    Internal("trl.trainer.kto_trainer:KTOTrainer._prepare_dataset",
+             ("self", "dataset", "processing_class", "args", "dataset_name"),
+             "overridden: pre-tokenized prompt_ids/completion_ids/label rows skip TRL's tokenization; the KL "
+             "completions it would add (each row's completion moved to the next row of its batch) are added the same way"),
     Internal("trl.experimental.orpo.orpo_trainer:ORPOTrainer.tokenize_row", ("self", "feature", "model"),
              "overridden: ORPOTrainer.__init__ maps every row through it (after maybe_extract_prompt and "
              "maybe_apply_chat_template, which leave rows without prompt/chosen/rejected columns alone); "
@@ -76,6 +82,7 @@ TRL_INTERNALS = (
 )
 
 PRETOKENIZED_PAIRS = {"prompt_ids", "chosen_ids", "rejected_ids"}  # made by the data stage with mistral-common
+PRETOKENIZED_UNPAIRED = {"prompt_ids", "completion_ids", "label"}  # KTO's, made by datasets/unpaired.py
 
 
 def resolve_internal(path: str):
@@ -224,6 +231,34 @@ def orpo_trainer_class():
     return PretokenizedORPOTrainer
 
 
+def kto_trainer_class():
+    """TRL's KTOTrainer, guarded, with the lean head, taking pre-tokenized unpaired rows as they are.
+
+    The loss is TRL's (KTO paper, eq. 7): per example, 1 - sigmoid(beta * (r - z)) for a desirable
+    completion and 1 - sigmoid(beta * (z - r)) for an undesirable one, each weighted by
+    desirable_weight / undesirable_weight, averaged over the batch; r is the completion's summed
+    log-prob under the policy minus under the reference, z the batch's KL estimate: the same
+    difference on mismatched (prompt, completion) pairs, averaged, clamped at 0 and not
+    differentiated. The mismatched pairs are built before training: each row's completion moved to
+    the next row of its batch of per_device_train_batch_size, in the dataset's (sequential) order."""
+    from trl import KTOTrainer
+    from trl.trainer import kto_trainer
+
+    class PretokenizedKTOTrainer(guarded(KTOTrainer, kto_trainer)):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if not PRETOKENIZED_UNPAIRED <= set(dataset.column_names):
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not self.calculate_KL or "KL_completion_ids" in dataset.column_names:
+                return dataset
+
+            def add_kl_completion_ids(rows):  # as TRL's: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})
+                return {"KL_completion_ids": [rows["completion_ids"][-1]] + rows["completion_ids"][:-1]}
+
+            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return PretokenizedKTOTrainer
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders: what the stages and bench/run.py call.
 
@@ -237,8 +272,8 @@ def build_sft_trainer(cfg: DictConfig, model, tokenizer, train_dataset, out: Pat
                                callbacks=callbacks)
 
 
-def dpo_reference(cfg: DictConfig, method: str, load_frozen_copy) -> tuple[object | None, str]:
-    """The DPO reference, one choice for the dpo stage and bench/run.py: (ref_model, kind).
+def dpo_reference(cfg: DictConfig, method: str, load_frozen_copy, stage: str = "dpo") -> tuple[object | None, str]:
+    """The DPO (or KTO: stage="kto") reference, one choice for those stages and bench/run.py: (ref_model, kind).
 
     - "precomputed": `precompute_ref_log_probs=true`; TRL scores the initial policy once, before
       training (adapter disabled for a fresh LoRA adapter), and keeps no reference model in memory.
@@ -246,7 +281,7 @@ def dpo_reference(cfg: DictConfig, method: str, load_frozen_copy) -> tuple[objec
       second model in memory).
     - "frozen_copy": full training; `load_frozen_copy()` loads a second copy of the starting policy
       (TRL puts it in eval mode)."""
-    if cfg.dpo.trainer.get("precompute_ref_log_probs", False):
+    if cfg[stage].trainer.get("precompute_ref_log_probs", False):
         return None, "precomputed"
     if method != "none":
         return None, "adapter_disabled"
@@ -280,6 +315,20 @@ def check_weights_hashable(model) -> None:
             f"(ZeRO-3 sharded at load, e.g. {empty[0]}): TRL's cache key would not cover the weights")
 
 
+def build_kto_trainer(cfg: DictConfig, model, ref_model, tokenizer, train_dataset, out: Path, report_to: list[str],
+                      peft_config=None, callbacks=None):
+    """KTO on pre-tokenized unpaired rows, from `kto.trainer.*`; `ref_model` as `dpo_reference(..., stage="kto")`
+    chose it."""
+    from trl import KTOConfig
+
+    args = trl_args(cfg, "kto", KTOConfig, out, report_to)
+    if args.precompute_ref_log_probs:
+        check_weights_hashable(ref_model or model)  # TRL's KTO cache is keyed on hash_module too
+    return kto_trainer_class()(model=model, ref_model=ref_model, args=args,
+                               train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config,
+                               callbacks=callbacks)
+
+
 def orpo_config_class():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -305,6 +354,15 @@ LOSS_TYPE_OPTIONS = {"label_smoothing": ({"robust", "exo_pair", "aot", "aot_unpa
 
 
 def check_ignored_options(stage: str, kwargs: dict) -> None:
+    if stage == "kto" and kwargs.get("loss_type", "kto") == "kto":
+        # TRL's KTO estimates its KL term from the other rows of the same micro-batch, in order
+        if kwargs.get("per_device_train_batch_size", 8) <= 1:
+            raise UserError("kto.trainer.per_device_train_batch_size must be > 1: KTO estimates its KL term from "
+                            "the other completions of the same micro-batch",
+                            hint="raise it (and lower gradient_accumulation_steps), or use kto.trainer.loss_type=apo_zero_unpaired")
+        if kwargs.get("train_sampling_strategy", "sequential") != "sequential":
+            raise UserError("kto.trainer.train_sampling_strategy must be sequential: KTO's KL completions are built "
+                            "against each row's neighbours in the dataset's order (the data stage shuffles it, seeded)")
     if stage == "dpo" and kwargs.get("precompute_ref_log_probs") and kwargs.get("ld_alpha") is not None:
         raise UserError(
             "dpo.trainer.ld_alpha with precompute_ref_log_probs=true: TRL 1.16's cache key ignores ld_alpha, "
@@ -330,7 +388,7 @@ def liger_usable() -> bool:
 
 
 def trl_args(cfg: DictConfig, stage: str, config_cls, out: Path, report_to: list[str]):
-    """Build TRL's SFTConfig/DPOConfig/ORPOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
+    """Build TRL's SFTConfig/DPOConfig/ORPOConfig/KTOConfig from `<stage>.trainer.*`, filling what mistral_tune owns."""
     kwargs = trainer_kwargs(cfg[stage].trainer)
     check_ignored_options(stage, kwargs)
     data_max = cfg[stage].data.max_length
