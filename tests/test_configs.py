@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from mistral_tune.cli import _strip_launcher_args
 from mistral_tune.config import CONFIG_DIR, compose, trainer_kwargs
@@ -28,7 +28,7 @@ from mistral_tune.schema import OWNED_TRAINER_FIELDS
 from mistral_tune.formats.templates import ALL_TEMPLATES
 from mistral_tune.training.trainers import orpo_config_class, trl_args
 
-STAGES = {"sft": SFTConfig, "dpo": DPOConfig, "orpo": orpo_config_class()}  # orpo: configs/orpo_trainer/
+STAGES = {"sft": SFTConfig, "dpo": DPOConfig, "orpo": orpo_config_class(), "kto": KTOConfig}  # orpo, kto: configs/<stage>_trainer/
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUPS = ("model", "peft", "template", "logger", "launcher", "data")
 GROUP_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
