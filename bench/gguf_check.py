@@ -7,8 +7,9 @@ exported), then llama-cpp-python loads DIR/export/<name>-<Q>.gguf and mistral_tu
 compares it with RUN_DIR/merged on the held-out chats (data/eval_sft.jsonl: each chat cut before
 its last reply, and its first user turn alone), keeping those whose prompt + reply fit in the
 model's sliding window: logits at every position of prompt and HF's greedy reply (max |diff|,
-argmax agreement), greedy replies token for token, and the GGUF's chat template rendered by
-llama-cpp-python and tokenized by llama.cpp against the HF tokenizer's ids. Prints one JSON object.
+argmax agreement), greedy replies token for token (each miss with HF's top-2 margin where the
+replies part), and the GGUF's chat template rendered by llama-cpp-python and tokenized by llama.cpp
+against the HF tokenizer's ids. Prints one JSON object.
 """
 
 from __future__ import annotations

@@ -177,6 +177,39 @@ def test_gguf_metadata_vocab_and_tensors(v1_folder, tmp_path):
     assert np.abs(deq - want).max() <= np.abs(want).max() / 127 + 1e-6  # one Q8_0 step per block at most
 
 
+def test_q8_0_keeps_the_named_tensors_f16(v1_folder, tmp_path):
+    """f16_tensors (bench/gguf_q8_sensitivity.py's variants): the named tensors are the plain f16
+    of the weights, every other matrix gguf's Q8_0 of them byte for byte; a name the file does not
+    have is an error, not silently nothing."""
+    gguf = need("gguf")
+    from safetensors.torch import load_file
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    path = tmp_path / "m.gguf"
+    gguf_format.write_gguf(v1_folder, path, "q8_0", "m", None, f16_tensors=("output.weight",))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    hf = load_file(str(v1_folder / "model.safetensors"))
+    assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    np.testing.assert_array_equal(np.asarray(tensors["output.weight"].data).reshape(32000, 32),
+                                  hf["lm_head.weight"].numpy().astype(np.float16))
+    for name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"),
+                          ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight")):
+        assert tensors[name].tensor_type == q8
+        np.testing.assert_array_equal(np.asarray(tensors[name].data).reshape(-1),
+                                      gguf.quants.quantize(hf[hf_name].numpy(), q8).reshape(-1))
+    with pytest.raises(ValueError, match="names no tensor of the file: \\['lm_head.weight'\\]"):
+        gguf_format.write_gguf(v1_folder, tmp_path / "x.gguf", "q8_0", "m", None, f16_tensors=("lm_head.weight",))
+
+
+def test_top2_gap_is_the_margin_of_the_reference_top_two():
+    from mistral_tune.formats.gguf_verify import top2_gap
+
+    ref = np.array([[0.0, 3.0, 2.5, 1.0], [5.0, 0.0, 0.0, 4.99]])
+    other = np.array([[0.0, 2.9, 2.95, 1.0], [5.0, 0.0, 0.0, 4.0]])
+    np.testing.assert_allclose(top2_gap(ref, ref), [0.5, 0.01])  # top1 - top2 of the reference
+    np.testing.assert_allclose(top2_gap(other, ref), [-0.05, 1.0])  # the same two tokens in another model: flipped, kept
+
+
 def test_v3_vocab_keeps_control_and_user_defined_pieces(tmp_path):
     """v3's [INST] is a control token and its [REFERENCE_DOC_*]-style pieces user-defined: the GGUF
     must say so, or llama.cpp splits them where HF and mistral-common keep them whole."""

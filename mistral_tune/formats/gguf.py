@@ -207,21 +207,26 @@ def _tensors(folder: Path):
                 yield name, f.get_tensor(name).float().numpy()
 
 
-def _storage(name: str, array: np.ndarray, quant: str):
+def _storage(name: str, array: np.ndarray, quant: str, f16_tensors: tuple[str, ...] = ()):
     """(data, raw_dtype or None) of one tensor: norms stay float32 (llama.cpp computes them in
-    f32 and they are tiny); matrices f16, or Q8_0 where rows divide into its 32-value blocks."""
+    f32 and they are tiny); matrices f16, or Q8_0 where rows divide into its 32-value blocks,
+    except those named in `f16_tensors`."""
     import gguf
 
     if array.ndim == 1:
         return array.astype(np.float32), None
-    if quant == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+    if (quant == "q8_0" and name not in f16_tensors
+            and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0):
         return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return array.astype(np.float16), None
 
 
-def write_gguf(folder: Path, out: Path, quant: str, name: str, chat_template: str | None) -> dict:
+def write_gguf(folder: Path, out: Path, quant: str, name: str, chat_template: str | None,
+               f16_tensors: tuple[str, ...] = ()) -> dict:
     """Write `folder` (a checked Mistral HF folder) to the GGUF file `out` (the caller renames it
-    into place). Returns what was written, for the manifest."""
+    into place). Returns what was written, for the manifest. `f16_tensors`: GGUF tensor names kept
+    f16 in a q8_0 file, as llama-quantize's --output-tensor-type / --token-embedding-type do
+    (bench/gguf_q8_sensitivity.py measures what each costs and gains; the export keeps none)."""
     import gguf
 
     if quant not in PYTHON_QUANTS:
@@ -283,12 +288,15 @@ def write_gguf(folder: Path, out: Path, quant: str, name: str, chat_template: st
             array = to_llama_rope_layout(array, hp.n_kv_heads)
         if hf_name == "lm_head.weight" and hp.tied:
             continue  # llama.cpp reuses token_embd when `output` is absent
-        data, raw = _storage(gguf_name, array, quant)
+        data, raw = _storage(gguf_name, array, quant, f16_tensors)
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
         written[gguf_name] = (raw or (gguf.GGMLQuantizationType.F16 if data.dtype == np.float16
                                       else gguf.GGMLQuantizationType.F32)).name
         seen.add(hf_name)
     expected = 2 + 9 * hp.n_layers + (0 if hp.tied else 1)  # embed, norm, (head), 9 per block
+    unknown = set(f16_tensors) - set(written)
+    if unknown:
+        raise ValueError(f"f16_tensors names no tensor of the file: {sorted(unknown)}")
     if len(written) != expected:
         raise UserError(f"{folder}: {len(written)} weight tensors mapped, expected {expected} for a "
                         f"{hp.n_layers}-layer Mistral model")

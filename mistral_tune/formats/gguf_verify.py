@@ -73,7 +73,8 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
                 logits_all=True, n_threads=n_threads or 2, verbose=False, seed=0)
     eos = tok.eos_token_id
     max_diff, positions, argmax_same, template_same, greedy_same, chat_same, used, skipped = 0.0, 0, 0, 0, 0, 0, 0, 0
-    examples = []
+    max_gap_diff = 0.0
+    examples, misses = [], []
     for messages in prompts:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
@@ -102,6 +103,14 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
             max_diff = max(max_diff, float(np.abs(ll - hf_logits).max()))
             positions += len(seq)
             argmax_same += int((ll.argmax(-1) == hf_logits.argmax(-1)).sum())
+            hf_gap = top2_gap(hf_logits, hf_logits)
+            max_gap_diff = max(max_gap_diff, float(np.abs(top2_gap(ll, hf_logits) - hf_gap).max()))
+            if llama_reply != hf_reply:  # where it parted, and how close HF's own top two were there
+                k = next((i for i, (a, b) in enumerate(zip(llama_reply, hf_reply)) if a != b), len(hf_reply) - 1)
+                misses.append({"prompt": messages[-1]["content"], "at_token": k,
+                               "hf_top2_margin": round(float(hf_gap[len(ids) - 1 + k]), 4),
+                               "hf": tok.decode(hf_reply, skip_special_tokens=True),
+                               "llama_cpp": tok.decode(llama_reply, skip_special_tokens=True)})
         if len(examples) < 3:
             examples.append({"prompt": messages[-1]["content"], "hf": tok.decode(hf_reply, skip_special_tokens=True),
                              "llama_cpp": tok.decode(llama_reply, skip_special_tokens=True)})
@@ -110,5 +119,15 @@ def compare(gguf_path: Path, hf_folder: Path, prompts: list[list[dict]], max_new
               "template_ids_equal": template_same, "greedy_equal": greedy_same,
               "chat_completion_equal": chat_same, "examples": examples}
     if logits:
-        result.update(max_abs_logit_diff=max_diff, positions=positions, argmax_equal=argmax_same)
+        result.update(max_abs_logit_diff=max_diff, positions=positions, argmax_equal=argmax_same,
+                      max_top2_gap_diff=max_gap_diff, greedy_misses=misses)
     return result
+
+
+def top2_gap(logits: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per position, logits[a] - logits[b] for `ref`'s top two tokens a > b: a greedy choice flips
+    where another model's gap to HF's differs by more than HF's own gap (its margin)."""
+    rows = np.arange(len(ref))[:, None]
+    top = np.argpartition(ref, -2, axis=-1)[:, -2:]
+    top = np.take_along_axis(top, np.argsort(ref[rows, top], axis=-1), axis=-1)  # [second, first]
+    return logits[rows[:, 0], top[:, 1]] - logits[rows[:, 0], top[:, 0]]
