@@ -319,6 +319,35 @@ def test_a_killed_machine_ends_the_other_with_one_line_and_the_rerun_resumes(tmp
 
 @pytest.mark.slow
 @pytest.mark.extended
+def test_losing_machine_rank_0_ends_the_other_with_one_line_and_the_rerun_resumes(tmp_path, machines, two_machine_sft):
+    """Machine rank 0 holds the rendezvous store, the lock and the writes: when it dies, machine
+    rank 1 can no longer read the heartbeats and says the rendezvous host is gone."""
+    run_dir = tmp_path / "run"
+    procs = machines.two(run_dir, ["sft", *TINY], tmp_path, "lost0")
+    deadline = time.monotonic() + 600
+    while not list((run_dir / "sft").glob("checkpoint-*/trainer_state.json")):
+        assert time.monotonic() < deadline and procs[1].poll() is None, (tmp_path / "lost0-machine1.log").read_text()[-3000:]
+        time.sleep(0.05)
+    machines.kill(procs[0])
+    t_kill = time.monotonic()
+    code = procs[1].wait(timeout=150)
+    waited = time.monotonic() - t_kill
+    log1 = (tmp_path / "lost0-machine1.log").read_text()
+    errors = [line for line in log1.splitlines() if line.startswith("mistral-tune sft: error:")]
+    print(f"machine rank 0 killed: machine rank 1 exited {code} after {waited:.1f}s; its error: {errors}")
+    assert code != 0 and waited < 120 and not (run_dir / "sft" / "manifest.json").exists()
+    assert errors and "lost rank 0 (machine rank 0" in errors[-1], log1[-3000:]
+    # The dead machine's lock is stale (its pid is gone): the same commands again resume.
+    codes = _wait_all(machines.two(run_dir, ["sft", *TINY], tmp_path, "rerun0"), 600)
+    assert codes == [0, 0], (tmp_path / "rerun0-machine0.log").read_text()[-3000:]
+    assert "resuming from" in (tmp_path / "rerun0-machine0.log").read_text()
+    diff = _max_diff(_weights(run_dir / "sft"), _weights(two_machine_sft["two"] / "sft"))
+    print(f"resumed vs uninterrupted two-machine run: max |weight difference| {diff:.3g}")
+    assert diff == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.extended
 def test_deepspeed_zero3_across_two_machines(tmp_path, machines, two_machine_sft):
     codes = _wait_all(machines.two(tmp_path / "run", ["sft", *TINY], tmp_path, "zero3", launcher="zero3"), 600)
     assert codes == [0, 0], (tmp_path / "zero3-machine0.log").read_text()[-3000:] + (tmp_path / "zero3-machine1.log").read_text()[-2000:]
