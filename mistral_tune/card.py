@@ -55,10 +55,32 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1 and set(name) <= HUB_ID_CHARS
 
 
+def _card_model(cfg: DictConfig, results: dict | None) -> str | None:
+    """The results row of the model this card is for (the run's last stage or DPO round), else the
+    last row evaluated (eval.models without it: its samples are shown, named, but the model-index
+    metadata claims nothing)."""
+    if not results:
+        return None
+    return _model_name(cfg) if _model_name(cfg) in results else list(results)[-1]
+
+
+def _model_name(cfg: DictConfig) -> str:
+    """The eval name of the merged model: its run's last stage, or the last DPO round."""
+    return rounds.last_name(cfg) if rounds.count(cfg) > 1 else _run_stages(cfg)[-1]
+
+
+def _run_stages(cfg: DictConfig) -> list[str]:
+    """The training stages the merged model was made from (its merge config), else cfg.stages: a
+    command run later without the run's stages=[...] (export after stages=[sft,kto]) still
+    describes the model it has."""
+    merged = _read(RunDir.of(cfg).merged / "config.yaml") or {}
+    return list(merged.get("stages") or cfg.stages)
+
+
 def _stage_rows(cfg: DictConfig) -> list[dict]:
     """Each finished training stage, then each DPO round after the first (pairs.rounds)."""
     run_dir = RunDir.of(cfg)
-    folders = [(stage, stage, run_dir.stage(stage)) for stage in cfg.stages]
+    folders = [(stage, stage, run_dir.stage(stage)) for stage in _run_stages(cfg)]
     folders += [(rounds.name(r), "dpo", RunDir(run_dir.round(r)).stage("dpo")) for r in range(2, rounds.count(cfg) + 1)]
     rows = []
     for label, node, folder in folders:
@@ -73,7 +95,7 @@ def _stage_rows(cfg: DictConfig) -> list[dict]:
 
 def render(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> str:
     run_dir = RunDir.of(cfg)
-    reports = {kind: r for kind in cfg.stages if (r := _read(run_dir.data(kind) / "report.json"))}
+    reports = {kind: r for kind in _run_stages(cfg) if (r := _read(run_dir.data(kind) / "report.json"))}
     stages = _stage_rows(cfg)
     name_or_path = cfg.model.name_or_path
     template = (_read(run_dir.chat_format) or {}).get("template") or cfg.template.name
@@ -90,8 +112,8 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
     if hub_ids:
         meta["datasets"] = hub_ids  # Hub dataset ids only; local files are listed under Data
     held_out = _eval_data_names(cfg)
-    if results:
-        last = list(results)[-1]
+    last = _card_model(cfg, results)
+    if results and last == _model_name(cfg):  # model-index: this model's own figures, or none
         metrics = [{"type": k, "name": k, "value": round(results[last][k], 4)}
                    for k in ("task_score", "preferred_rate", "eval_loss", "perplexity", "preference_accuracy",
                              "reward_margin")
@@ -165,10 +187,10 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
                   f"(at most {cfg.eval.max_samples} rows each). `eval_loss`/`perplexity`: on the trained tokens "
                   f"of the held-out chats; {task}"
                   "`preference_accuracy`: the model gives the chosen reply a higher log-probability than the "
-                  "rejected one; `reward_accuracy`/`reward_margin`: DPO's implicit reward "
-                  "beta * (logp_model - logp_ref) against the model the stage started from (SFT for DPO, base "
-                  "for SFT).", "", "```", results_table, "```", ""]
-        last = list(results)[-1]
+                  "rejected one; `reward_accuracy`/`reward_margin`: the implicit reward of DPO and KTO, "
+                  "beta * (logp_model - logp_ref), against the model the stage started from ("
+                  + ", ".join(f"{r['reference']} for {n}" for n, r in results.items() if r.get("reference"))
+                  + ").", "", "```", results_table, "```", ""]
         samples = results[last].get("samples", [])
         if samples:
             lines += [f"Sample generations ({last}):", "", "| prompt | generation | right |", "|---|---|---|"]
@@ -194,8 +216,12 @@ def render(cfg: DictConfig, results: dict | None = None, results_table: str = ""
 
 
 def _gguf_lines(run_dir: RunDir) -> list[str]:
-    """The GGUF files of `mistral-tune export` (run_dir/export/manifest.json), if any."""
-    files = (_read(run_dir.export / "manifest.json") or {}).get("files", {})
+    """The GGUF files of `mistral-tune export` (run_dir/export/manifest.json) made from this merged
+    model: not those of export.model=<another folder>, nor those of a merged model since redone."""
+    merge = _read(run_dir.merged / "manifest.json") or {}
+    files = {name: f for name, f in (_read(run_dir.export / "manifest.json") or {}).get("files", {}).items()
+             if Path(f["source"]).resolve() == run_dir.merged.resolve()
+             and f.get("source_key", merge.get("fingerprint")) == merge.get("fingerprint")}
     if not files:
         return []
     lines = ["## GGUF (llama.cpp, Ollama)", "", "| file | quantization | size | Ollama Modelfile |", "|---|---|---:|---|"]
@@ -211,13 +237,29 @@ def _gguf_lines(run_dir: RunDir) -> list[str]:
 
 
 def write_card(cfg: DictConfig, results: dict | None = None, results_table: str = "") -> Path | None:
-    """Write run_dir/merged/README.md (rank 0); None when there is no merged model."""
+    """Write run_dir/merged/README.md (rank 0); None when there is no merged model. Without
+    results (merge, export) the card keeps eval's results when they were made of this merged model."""
     merged = RunDir.of(cfg).merged
     if not (merged / "config.json").exists() or not runs.is_main_process():
         return None
+    if results is None:
+        results, results_table = stored_results(cfg)
     path = merged / "README.md"
     runs.atomic_write_text(path, render(cfg, results, results_table))
     return path
+
+
+def stored_results(cfg: DictConfig) -> tuple[dict | None, str]:
+    """eval/results.json and its table when eval's manifest names the current merged model
+    (`merge`: its fingerprint), else (None, "")."""
+    from mistral_tune.stages.evaluate import table  # evaluate writes cards: imported when needed
+
+    evaluated, merge = runs.read_manifest(cfg, "eval"), runs.read_manifest(cfg, "merge")
+    path = runs.stage_dir(cfg, "eval") / "results.json"
+    if not (evaluated and merge and evaluated.get("merge") == merge.get("fingerprint") and path.exists()):
+        return None, ""
+    results = json.loads(path.read_text())
+    return results, table(results)
 
 
 def base_license(cfg: DictConfig) -> str | None:

@@ -183,7 +183,8 @@ def stage_config(cfg: DictConfig, stage: str) -> dict:
         paths = {
             "merge": ["merge"],
             "push": ["push"],
-            "eval": ["eval", "template", "dpo.trainer.beta"],
+            # (kto's beta only in runs with KTO, so that older runs' eval fingerprints stand)
+            "eval": ["eval", "template", "dpo.trainer.beta", *(["kto.trainer.beta"] if "kto" in cfg.stages else [])],
         }.get(stage, ["model", "template", "peft", stage, "seed"])
     picked = {}
     for path in paths:

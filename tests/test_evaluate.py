@@ -55,6 +55,8 @@ def test_score_uses_the_task_checker_else_exact_match():
     assert evaluate.score("What is 12 + 30?", "12 + 30 = 42", "12 + 30 = 41") == ("add", False)
     assert evaluate.score("Name a colour.", "blue", "blue") == ("other", True)
     assert evaluate.score("Name a colour.", "blue", "red") == ("other", False)
+    # your own eval files: a question that starts like a bundled task is scored by exact match
+    assert evaluate.score("What is the capital of France?", "Paris", "Paris") == ("other", True)
 
 
 def test_rewards_are_dpo_implicit_rewards_against_the_previous_stage():
@@ -69,6 +71,33 @@ def test_rewards_are_dpo_implicit_rewards_against_the_previous_stage():
     # sft vs base: pair 1: 0.1*(4 - 1) = 0.3; pair 2: 0.1*(1 - 4) = -0.3
     assert results["sft"]["reward_margin"] == pytest.approx(0.0) and results["sft"]["reward_accuracy"] == 0.5
     assert results["base"]["reward_margin"] is None and results["dpo"]["reference"] == "sft"
+
+
+def test_each_models_reward_uses_the_beta_its_stage_trained_with():
+    from mistral_tune.config import compose
+
+    cfg = compose(["stages=[sft,kto]", "dpo.trainer.beta=0.3", "kto.trainer.beta=0.1"])
+    assert evaluate._betas(cfg, ["base", "sft", "kto"]) == {"base": 0.3, "sft": 0.3, "kto": 0.1}
+    logps = {"sft": [(-6.0, 3), (-9.0, 3)], "kto": [(-5.0, 3), (-12.0, 3)]}
+    results = {"sft": {}, "kto": {}}
+    evaluate.add_rewards(results, logps, beta={"sft": 0.3, "kto": 0.1}, reference={"kto": "sft"})
+    assert results["kto"]["reward_margin"] == pytest.approx(0.1 * ((-5 + 6) - (-12 + 9)))
+    # KTO's beta is part of eval's fingerprint in runs with KTO only (older runs' evals stand)
+    from mistral_tune import runs
+
+    assert "kto.trainer.beta" in runs.stage_config(cfg, "eval")
+    assert "kto.trainer.beta" not in runs.stage_config(compose([]), "eval")
+
+
+def test_a_preference_stage_alone_on_the_bundled_pairs_is_scored_on_the_held_out_chats():
+    """stages=[orpo] or [kto] on the bundled data: task_score and preferred_rate, not pairs alone."""
+    from mistral_tune.config import compose
+    from mistral_tune.stages.data import eval_files
+
+    for stages in ("[orpo]", "[kto]"):
+        files, kind = eval_files(compose([f"stages={stages}"]), "sft")
+        assert [Path(f).name for f in files] == ["eval_sft.jsonl"] and kind == "bundled"
+    assert eval_files(compose(["stages=[orpo]", "orpo.data.files=[/tmp/mine.jsonl]"]), "sft") == ([], "none")
 
 
 def test_table_lists_every_model_and_column():

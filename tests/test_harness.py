@@ -204,6 +204,31 @@ def test_table_and_card_lines_from_a_record(tmp_path):
     assert entry["dataset"]["name"] == harness.BUNDLED and entry["metrics"][0]["value"] == 0.43
 
 
+def test_stored_results_of_a_model_since_redone_or_gone_are_dropped(tmp_path):
+    """harness.json keeps results across runs (only missing ones are computed): those of a stage
+    redone since, or of a model no longer in the run, must not stay to be published as this run's."""
+    need_lm_eval()
+    cfg = compose([f"run_dir={tmp_path}", "logger=none", "eval.harness=[mistral_tune_bundled]",
+                   "eval.harness_models=[sft]"])
+    for stage, key in (("sft", "s1"), ("dpo", "d1"), ("merge", "m1")):
+        runs.write_json(runs.stage_dir(cfg, stage) / runs.MANIFEST, {"stage": stage, "fingerprint": key})
+    refs = {"sft": {"base": "b", "adapters": ["a"]}}
+    bench = harness.Harness(cfg, refs)
+
+    def entry(name, ref, key):
+        return {"identity": runs.fingerprint({"model": ref, "stage": key}), "model": ref,
+                "tasks": {harness.BUNDLED: {"metrics": {"exact_match,none": {"value": 0.4}}}}}
+
+    merged = {"base": str(tmp_path / "merged"), "adapters": []}
+    bench.record["models"] = {
+        "sft": entry("sft", refs["sft"], "s1"),        # current (and in harness_models)
+        "dpo": entry("dpo", {"base": "x"}, "d0"),       # dpo redone since (d0 -> d1)
+        "merged": entry("merged", merged, "m1"),        # current, though not asked for this time
+        "orpo": entry("orpo", {"base": "y"}, "o1"),     # no orpo stage in this run
+    }
+    assert list(bench._snapshot()["models"]) == ["sft", "merged"]
+
+
 @pytest.mark.extended
 def test_harness_exact_match_equals_task_score_on_a_trained_model(tmp_path):
     """A short real pipeline, then `eval eval.harness=[mistral_tune_bundled,arc_easy]` offline: the

@@ -73,9 +73,19 @@ def expected(task: str, user: str) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
+# The whole question of each task as the generators above write it: a prefix is not enough ("What
+# is the capital of France?" is no sum; scoring it would crash on the missing numbers).
+_QUESTIONS = {
+    "add": re.compile(r"What is \d+ \+ \d+\?"),
+    "larger": re.compile(r"Which is larger: \d+ or \d+\?"),
+    "sort": re.compile(r"Sort these digits: \d+(?:, \d+)*"),
+    "repeat": re.compile(r"Say the word \w+ \d+ times?\."),
+}
+
+
 def task_of(user: str) -> str:
-    for name, prefix in (("add", "What is"), ("larger", "Which is larger"), ("sort", "Sort these"), ("repeat", "Say the word")):
-        if user.startswith(prefix):
+    for name, question in _QUESTIONS.items():
+        if question.fullmatch(user.strip()):
             return name
     raise ValueError(f"not a bundled task question: {user!r}")
 

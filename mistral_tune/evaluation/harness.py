@@ -367,7 +367,20 @@ class Harness:
         runs.atomic_write_text(self.out / "harness" / f"{model}.samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def _snapshot(self) -> dict:
-        return {"lm_eval": self.version, "models": self.record["models"], "skipped": self.skipped}
+        return {"lm_eval": self.version, "models": self._current(), "skipped": self.skipped}
+
+    def _current(self) -> dict:
+        """The stored results still of the model that has their name now: those of a stage redone
+        since, or of a model no longer in the run, go (the card would publish them as this run's)."""
+        keep = {}
+        for name, entry in self.record["models"].items():
+            identity = self.identity.get(name) or fingerprint({"model": entry.get("model"),
+                                                               "stage": _stage_key(self.cfg, name)})
+            if entry.get("identity") == identity:
+                keep[name] = entry
+            else:
+                log.info("harness: %s's stored results were of another model; dropped", name)
+        return keep
 
     def evaluate_rest(self, tokenizer, load, done: tuple[str, ...] = ()) -> None:
         """The models not evaluated yet (merged; every model when eval itself was up to date) that

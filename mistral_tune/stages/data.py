@@ -594,6 +594,13 @@ def eval_files(cfg: DictConfig, layout: str) -> tuple[list[str], str]:
     # KTO's bundled data is the bundled pairs, so it is evaluated on their held-out pairs
     stage = next((s for s in cfg.stages if has_data(cfg, s) and (DATA_LAYOUT[s] == layout or (
         layout == "dpo" and DATA_LAYOUT[s] == "kto" and is_bundled(cfg, s)))), None)
+    if stage is None and layout == "sft":
+        # no SFT stage (stages=[orpo], [kto], [dpo]): a preference stage on the bundled pairs is
+        # scored on the bundled held-out chats, the same tasks (task score, preferred_rate)
+        bundled = [s for s in cfg.stages if has_data(cfg, s) and DATA_LAYOUT[s] != "sft" and is_bundled(cfg, s)
+                   and {Path(f).name for f in cfg[s].data.files or []} <= set(HELD_OUT_OF)]
+        if bundled:
+            return [str(DATA_DIR / BUNDLED_EVAL["sft"])], "bundled"
     if stage is None:
         return [], "none"
     if is_bundled(cfg, stage):

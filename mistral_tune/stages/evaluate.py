@@ -289,17 +289,19 @@ def evaluate_model(model, data: dict, tokenizer, cfg: DictConfig) -> tuple[dict,
     return result, pair_logps
 
 
-def add_rewards(results: dict, logps: dict, beta: float, reference: dict[str, str]) -> None:
-    """DPO's implicit reward beta * (logp_model - logp_ref), chosen minus rejected, per pair."""
+def add_rewards(results: dict, logps: dict, beta: float | dict[str, float], reference: dict[str, str]) -> None:
+    """DPO's implicit reward beta * (logp_model - logp_ref), chosen minus rejected, per pair; `beta`
+    one for all models or {model: beta} (the beta its stage trained with)."""
     for name, ref in reference.items():
         if name not in results:
             continue
+        model_beta = beta[name] if isinstance(beta, dict) else beta
         results[name]["reference"] = ref if ref in logps and logps[name] else None
         if results[name]["reference"] is None:
             results[name]["reward_accuracy"] = results[name]["reward_margin"] = None
             continue
         pol, rl = logps[name], logps[ref]
-        margins = [beta * ((pol[i][0] - rl[i][0]) - (pol[i + 1][0] - rl[i + 1][0])) for i in range(0, len(pol), 2)]
+        margins = [model_beta * ((pol[i][0] - rl[i][0]) - (pol[i + 1][0] - rl[i + 1][0])) for i in range(0, len(pol), 2)]
         results[name]["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
         results[name]["reward_margin"] = sum(margins) / len(margins)
     if "base" in results:
@@ -328,12 +330,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _beta(cfg: DictConfig) -> float:
-    if OmegaConf.is_missing(cfg.dpo.trainer, "beta"):
-        from trl import DPOConfig
+def _beta(cfg: DictConfig, stage: str = "dpo") -> float:
+    """The beta `stage` trains with (`dpo` for DPO rounds, `kto`), TRL's default when unset."""
+    trainer = cfg[stage].trainer
+    if OmegaConf.is_missing(trainer, "beta"):
+        from trl import DPOConfig, KTOConfig
 
-        return DPOConfig.__dataclass_fields__["beta"].default
-    return float(cfg.dpo.trainer.beta)
+        return {"kto": KTOConfig}.get(stage, DPOConfig).__dataclass_fields__["beta"].default
+    return float(trainer.beta)
+
+
+def _betas(cfg: DictConfig, names) -> dict[str, float]:
+    """Each model's reward beta: KTO's for the kto model, DPO's for the others (for SFT or ORPO
+    rows, which have no such beta, a scale only)."""
+    return {name: _beta(cfg, "kto" if name == "kto" else "dpo") for name in names}
 
 
 def _inputs(cfg: DictConfig, refs: dict) -> dict:
@@ -379,7 +389,7 @@ def run(cfg: DictConfig) -> Path:
             if bench and name in bench.models:  # while the model is loaded
                 bench.evaluate(name, model, tokenizer, f"{i + 1}/{len(refs)}")
             del model
-        add_rewards(results, logps, _beta(cfg), references(cfg))
+        add_rewards(results, logps, _betas(cfg, results), references(cfg))
         runtime = time.perf_counter() - start - (sum(bench.timings.values()) if bench else 0)  # eval's own
         if report_to:
             _log_wandb(results)
@@ -399,7 +409,8 @@ def run(cfg: DictConfig) -> Path:
     if card_path:
         log.info("eval: model card in %s", card_path)
     runs.finish_stage(cfg, "eval", {"results": str(out / "results.json"), "counts": counts, "files": data["files"],
-                                    "runtime": round(runtime, 3), "beta": _beta(cfg)}, inputs)
+                                    "runtime": round(runtime, 3), "beta": _betas(cfg, results),
+                                    "merge": inputs["stages"]["merge"]}, inputs)
     return out
 
 

@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> Path:
     manifest = read_manifest(out)  # re-read: keep the entries of the other files
     manifest["files"][path.name] = {
         "gguf": path.name, "quant": quant, "modelfile": modelfile.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
-        "fingerprint": key, "source": str(source), "chat_format": chat_format, "sliding_window_note": note,
+        "fingerprint": key, "source": str(source), "source_key": source_key, "chat_format": chat_format, "sliding_window_note": note,
         "seconds": round(seconds, 1), **info,
     }
     manifest.update(stage="export", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
