@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import importlib
 import logging
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,10 @@ def launch_command(cfg: DictConfig, stage: str, overrides: list[str]) -> list[st
                 "--main_process_ip", str(cfg.launcher.main_process_ip)]
     if cfg.launcher.main_process_port:
         cmd += ["--main_process_port", str(cfg.launcher.main_process_port)]
+    if cfg.launcher.num_machines > 1:
+        # torchrun's static rendezvous waits 600 s for the other machines, whatever the launcher
+        # says: a machine that never starts would hold the others that long, then a traceback.
+        cmd += ["--rdzv_conf", f"timeout={max(1, math.ceil(cfg.launcher.timeout_s))}"]
     cmd += list(cfg.launcher.extra_args)
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "launcher"))]
     # The ranks train (launcher=none) with the collective timeout of the launching command.
@@ -72,6 +78,9 @@ def machine_rank(cfg: DictConfig) -> int:
     return int(cfg.launcher.machine_rank) if cfg.launcher.num_machines > 1 else 0
 
 
+# torch's static rendezvous (TCPStore on machine rank 0) when the other machines never came
+RENDEZVOUS_TIMEOUT = re.compile(r"Timed out after \d+ seconds waiting for clients\. (?P<n>\d+)/\d+ clients joined")
+
 LOST = "lost rank"  # the line a surviving rank prints when another one is gone (training/peers.py)
 
 
@@ -80,17 +89,26 @@ def run_launched(cfg: DictConfig, stage: str, overrides: list[str]) -> None:
     cmd = launch_command(cfg, stage, overrides)
     log.info("%s: %s", stage, " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=15)
-    lost = None
+    lost = joined = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
             if LOST in line and lost is None:
                 lost = line.strip().split(": error: ", 1)[-1]  # without the rank's "mistral-tune sft: error:"
+            if joined is None:
+                joined = RENDEZVOUS_TIMEOUT.search(line)
     if proc.returncode != 0:
         where = f" (machine rank {cfg.launcher.machine_rank} of {cfg.launcher.num_machines})" if cfg.launcher.num_machines > 1 else ""
         if lost:  # torch's traceback dump would bury it: the one line that says what happened comes first
             raise UserError(f"{stage}{where}: {lost}")
+        if joined:
+            raise UserError(
+                f"{stage}{where}: only {joined['n']} of {cfg.launcher.num_machines} machines joined the rendezvous "
+                f"{cfg.launcher.main_process_ip}:{cfg.launcher.main_process_port or 29500} within "
+                f"launcher.timeout_s={cfg.launcher.timeout_s:g}s",
+                hint="start the same command on every machine (launcher.machine_rank=1, ...) with the same "
+                     "launcher.main_process_ip/main_process_port, and check that they can reach this address")
         raise UserError(f"{stage} under launcher={cfg.launcher.name}{where} exited with status {proc.returncode}:\n"
                         + "\n".join(tail))
 

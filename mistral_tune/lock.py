@@ -77,6 +77,29 @@ def job_of(launcher) -> dict | None:
             "rendezvous": f"{launcher.main_process_ip}:{launcher.main_process_port or 29500}"}
 
 
+def _who(holder: dict) -> str:
+    return f"process {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
+
+
+def _stale_here(holder: dict) -> bool:
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+
+
+def _alive_here(holder: dict) -> bool:
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid)
+
+
+def _busy(run_dir, holder: dict, job: dict) -> UserError:
+    theirs = holder.get("job")
+    return UserError(
+        f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({_who(holder)}) is running in it"
+        + (f" as another multi-node job ({theirs['num_machines']} machines, rendezvous {theirs['rendezvous']}; "
+           f"this one: {job['num_machines']}, {job['rendezvous']})" if theirs else ", not as this multi-node job"),
+        hint="give every machine the same launcher.num_machines/main_process_ip/main_process_port, or wait for it")
+
+
 def join(run_dir: str | Path, command: str, job: dict, machine_rank: int, timeout_s: float,
          poll_s: float = 1.0) -> None:
     """Machine rank > 0 of a multi-node job: wait for machine rank 0's lock on the same job."""
@@ -84,27 +107,30 @@ def join(run_dir: str | Path, command: str, job: dict, machine_rank: int, timeou
 
     path = RunDir(Path(run_dir)).lock
     deadline = time.monotonic() + timeout_s
-    announced = False
+    announced = stale_said = False
     while True:
         holder = read_holder(path)
         if holder and holder.get("job") == job:
             log.info("%s: joining machine rank 0's %s (process %s on %s), as machine rank %d", run_dir,
                      holder.get("command", "?"), holder.get("pid"), holder.get("host"), machine_rank)
             return
-        if holder:  # held, by something else than this job
-            who = f"process {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
-            theirs = holder.get("job")
-            raise UserError(
-                f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({who}) is running in it"
-                + (f" as another multi-node job ({theirs['num_machines']} machines, rendezvous {theirs['rendezvous']}; "
-                   f"this one: {job['num_machines']}, {job['rendezvous']})" if theirs else ", not as this multi-node job"),
-                hint="give every machine the same launcher.num_machines/main_process_ip/main_process_port, or wait for it")
+        if holder and _alive_here(holder):  # held, by something else than this job, still running
+            raise _busy(run_dir, holder, job)
+        if holder and not stale_said:
+            # A dead process's lock (machine rank 0 takes it over when it starts), or one from
+            # another host, which cannot be checked from here: wait for this job's machine rank 0.
+            log.info("%s: the lock is %s's (%s); waiting up to %gs for machine rank 0 of this job to take it",
+                     run_dir, f"`mistral-tune {holder.get('command', '?')}`", _who(holder) + (
+                         ", no longer running" if _stale_here(holder) else ""), timeout_s)
+            stale_said = True
         if time.monotonic() > deadline:
+            if holder and not _stale_here(holder):
+                raise _busy(run_dir, holder, job)
             raise UserError(f"machine rank {machine_rank}: machine rank 0 has not started this job in run_dir={run_dir} "
                             f"within launcher.timeout_s={timeout_s:g}s (no lock {path})",
                             hint="start the command with launcher.machine_rank=0 (same run_dir, on a filesystem both "
                                  "machines see), or raise launcher.timeout_s")
-        if not announced:
+        if not announced and not holder:
             log.info("%s: machine rank %d waiting for machine rank 0 to take the run_dir lock (up to %gs)",
                      run_dir, machine_rank, timeout_s)
             announced = True

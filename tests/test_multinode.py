@@ -52,8 +52,10 @@ def test_launch_command_carries_the_machine_keys():
     assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29555" in flags
     # The ranks train in place, with the same collective timeout; no launcher override leaks through.
     assert cmd[-4:] == ["sft.trainer.max_steps=3", "run_dir=/shared/x", "launcher=none", "launcher.timeout_s=120"]
+    # torchrun's rendezvous waits for the other machines as long as the launcher says, not its own 600 s.
+    assert "--rdzv_conf timeout=120" in flags
     single = launch_command(OmegaConf.create({"run_dir": "/x", "launcher": _launcher()}), "sft", [])
-    assert "--num_machines" not in single and "--main_process_port" not in single
+    assert "--num_machines" not in single and "--main_process_port" not in single and "--rdzv_conf" not in single
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -84,6 +86,24 @@ def test_the_lost_rank_line_leads_the_launchers_error(monkeypatch, capsys):
     assert str(err.value) == ("sft (machine rank 0 of 2): lost rank 1 (machine rank 1): it stopped responding "
                               "during training")
     assert "ChildFailedError" in capsys.readouterr().out  # the ranks' output still streams through
+
+
+def test_a_machine_that_never_joined_is_one_line_naming_the_rendezvous(monkeypatch):
+    """Machine rank 0's torchrun gives up on the rendezvous after launcher.timeout_s: its traceback
+    becomes one line that says how many machines came and where they were expected."""
+    from mistral_tune import launch
+
+    agent_output = ("print('Traceback (most recent call last):\\n  File static_tcp_rendezvous.py'); "
+                    "print('torch.distributed.DistStoreError: Timed out after 21 seconds waiting for clients. "
+                    "1/2 clients joined.'); raise SystemExit(1)")
+    monkeypatch.setattr(launch, "launch_command", lambda cfg, stage, overrides: [sys.executable, "-c", agent_output])
+    cfg = OmegaConf.create({"launcher": _launcher(num_machines=2, main_process_ip="10.0.0.1", main_process_port=29555,
+                                                   timeout_s=20)})
+    with pytest.raises(UserError) as err:
+        launch.run_launched(cfg, "sft", [])
+    assert err.value.message == ("sft (machine rank 0 of 2): only 1 of 2 machines joined the rendezvous 10.0.0.1:29555 "
+                              "within launcher.timeout_s=20s")
+    assert "launcher.machine_rank=1" in err.value.hint
 
 
 @pytest.fixture
@@ -128,6 +148,46 @@ def test_the_second_machine_waits_for_rank_0_then_gives_up_in_one_line(tmp_path,
     # ... and proceeds as soon as rank 0's lock appears.
     threading.Timer(0.3, lambda: lock.acquire(tmp_path, "sft", job)).start()
     lock.join(tmp_path, "sft", job, 1, 10, poll_s=0.05)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_second_machine_waits_out_a_dead_jobs_lock_for_its_own_rank_0(tmp_path, no_rank, caplog):
+    """A rerun after machine rank 0 died: its lock (another rendezvous port) is still there when
+    machine rank 1 of the new job looks. Rank 0 takes a dead process's lock over, so rank 1 waits
+    for that instead of refusing the run_dir as busy (a race the CI lost once)."""
+    old = lock.job_of(_launcher(num_machines=2, main_process_ip="127.0.0.1", main_process_port=29001))
+    new = lock.job_of(_launcher(num_machines=2, main_process_ip="127.0.0.1", main_process_port=29002))
+    (tmp_path / ".lock").write_text(json.dumps({"id": "x", "pid": _dead_pid(), "host": socket.gethostname(),
+                                                "command": "sft", "job": old}))
+    threading.Timer(0.5, lambda: lock.acquire(tmp_path, "sft", new)).start()  # rank 0: takes over the stale lock
+    with caplog.at_level("INFO", logger="mistral_tune"):
+        lock.join(tmp_path, "sft", new, 1, 10, poll_s=0.05)
+    assert json.loads((tmp_path / ".lock").read_text())["job"] == new
+    assert "no longer running); waiting up to 10s for machine rank 0 of this job" in caplog.text
+
+
+def test_the_second_machine_refuses_another_hosts_job_after_waiting(tmp_path, no_rank):
+    """A lock from another host cannot be checked from here: machine rank 1 waits for its own rank 0
+    (which may be about to take a stale one over) and, at launcher.timeout_s, names the holder."""
+    other = lock.job_of(_launcher(num_machines=2, main_process_ip="10.0.0.9", main_process_port=29001))
+    (tmp_path / ".lock").write_text(json.dumps({"id": "x", "pid": 4242, "host": "some-other-node", "command": "dpo",
+                                                "job": other}))
+    job = lock.job_of(_launcher(num_machines=2, main_process_ip="10.0.0.1"))
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"busy: `mistral-tune dpo` \(process 4242 on some-other-node\).*"
+                                        r"another multi-node job \(2 machines, rendezvous 10.0.0.9:29001"):
+        lock.join(tmp_path, "sft", job, 1, 0.5, poll_s=0.1)
+    assert 0.4 < time.monotonic() - t0 < 5
+    # A dead process's lock that nobody takes over: the same "rank 0 has not started" line as no lock.
+    (tmp_path / ".lock").write_text(json.dumps({"id": "x", "pid": _dead_pid(), "host": socket.gethostname(),
+                                                "command": "sft", "job": other}))
+    with pytest.raises(UserError, match="machine rank 0 has not started this job"):
+        lock.join(tmp_path, "sft", job, 1, 0.3, poll_s=0.1)
 
 
 def test_the_second_machine_waits_for_this_configs_data_not_any(tmp_path, no_rank):
@@ -208,12 +268,23 @@ class Machines:
                 p.send_signal(signal.SIGKILL)
         proc.wait()
 
-    def two(self, run_dir: Path, stage_args: list[str], tmp: Path, tag: str, launcher: str = "ddp"):
+    def two(self, run_dir: Path, stage_args: list[str], tmp: Path, tag: str, launcher: str = "ddp",
+            rank_1_first: bool = False):
+        """Machine ranks 0 and 1; with `rank_1_first`, rank 1 starts first and rank 0 once rank 1
+        says it is waiting for rank 0's lock."""
         port = _free_port()
         common = [stage_args[0], f"run_dir={run_dir}", *stage_args[1:], f"launcher={launcher}",
                   "launcher.num_processes=2", "launcher.num_machines=2", "launcher.main_process_ip=127.0.0.1",
                   f"launcher.main_process_port={port}", "launcher.timeout_s=120"]
-        return [self.start([*common, f"launcher.machine_rank={r}"], tmp / f"{tag}-machine{r}.log") for r in (0, 1)]
+        start = lambda r: self.start([*common, f"launcher.machine_rank={r}"], tmp / f"{tag}-machine{r}.log")  # noqa: E731
+        if not rank_1_first:
+            return [start(0), start(1)]
+        one = start(1)
+        deadline = time.monotonic() + 120
+        while "waiting up to" not in (tmp / f"{tag}-machine1.log").read_text():
+            assert time.monotonic() < deadline and one.poll() is None, (tmp / f"{tag}-machine1.log").read_text()[-3000:]
+            time.sleep(0.1)
+        return [start(0), one]
 
 
 @pytest.fixture
@@ -337,9 +408,12 @@ def test_losing_machine_rank_0_ends_the_other_with_one_line_and_the_rerun_resume
     print(f"machine rank 0 killed: machine rank 1 exited {code} after {waited:.1f}s; its error: {errors}")
     assert code != 0 and waited < 120 and not (run_dir / "sft" / "manifest.json").exists()
     assert errors and "lost rank 0 (machine rank 0" in errors[-1], log1[-3000:]
-    # The dead machine's lock is stale (its pid is gone): the same commands again resume.
-    codes = _wait_all(machines.two(run_dir, ["sft", *TINY], tmp_path, "rerun0"), 600)
-    assert codes == [0, 0], (tmp_path / "rerun0-machine0.log").read_text()[-3000:]
+    # The dead machine's lock is stale (its pid is gone): the same commands again resume. Machine
+    # rank 1 starts first and finds the dead job's lock (another port): it waits for this job's
+    # rank 0 to take it over rather than refusing the run_dir as busy (CI once lost that race).
+    codes = _wait_all(machines.two(run_dir, ["sft", *TINY], tmp_path, "rerun0", rank_1_first=True), 600)
+    assert codes == [0, 0], (tmp_path / "rerun0-machine0.log").read_text()[-3000:] + (tmp_path / "rerun0-machine1.log").read_text()[-3000:]
+    assert "no longer running); waiting up to 120s for machine rank 0 of this job" in (tmp_path / "rerun0-machine1.log").read_text()
     assert "resuming from" in (tmp_path / "rerun0-machine0.log").read_text()
     diff = _max_diff(_weights(run_dir / "sft"), _weights(two_machine_sft["two"] / "sft"))
     print(f"resumed vs uninterrupted two-machine run: max |weight difference| {diff:.3g}")
