@@ -81,14 +81,12 @@ def _who(holder: dict) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process"
 
 
-def _stale_here(holder: dict) -> bool:
+def _running(holder: dict) -> bool | None:
+    """Whether the holder's process still runs; None when it is on another host (not checkable)."""
     pid = holder.get("pid")
-    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
-
-
-def _alive_here(holder: dict) -> bool:
-    pid = holder.get("pid")
-    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid)
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return None
+    return _pid_alive(pid)
 
 
 def _busy(run_dir, holder: dict, job: dict) -> UserError:
@@ -107,33 +105,33 @@ def join(run_dir: str | Path, command: str, job: dict, machine_rank: int, timeou
 
     path = RunDir(Path(run_dir)).lock
     deadline = time.monotonic() + timeout_s
-    announced = stale_said = False
+    announced = False
     while True:
         holder = read_holder(path)
         if holder and holder.get("job") == job:
             log.info("%s: joining machine rank 0's %s (process %s on %s), as machine rank %d", run_dir,
                      holder.get("command", "?"), holder.get("pid"), holder.get("host"), machine_rank)
             return
-        if holder and _alive_here(holder):  # held, by something else than this job, still running
+        running = _running(holder) if holder else False
+        if running:  # held, by something else than this job, still running
             raise _busy(run_dir, holder, job)
-        if holder and not stale_said:
-            # A dead process's lock (machine rank 0 takes it over when it starts), or one from
-            # another host, which cannot be checked from here: wait for this job's machine rank 0.
-            log.info("%s: the lock is %s's (%s); waiting up to %gs for machine rank 0 of this job to take it",
-                     run_dir, f"`mistral-tune {holder.get('command', '?')}`", _who(holder) + (
-                         ", no longer running" if _stale_here(holder) else ""), timeout_s)
-            stale_said = True
         if time.monotonic() > deadline:
-            if holder and not _stale_here(holder):
+            if running is None:
                 raise _busy(run_dir, holder, job)
             raise UserError(f"machine rank {machine_rank}: machine rank 0 has not started this job in run_dir={run_dir} "
-                            f"within launcher.timeout_s={timeout_s:g}s (no lock {path})",
+                            f"within launcher.timeout_s={timeout_s:g}s (no lock of this job: {path})",
                             hint="start the command with launcher.machine_rank=0 (same run_dir, on a filesystem both "
                                  "machines see), or raise launcher.timeout_s")
-        if not announced and not holder:
+        if not announced and holder:
+            # A dead process's lock (machine rank 0 takes it over when it starts), or one from
+            # another host, which cannot be checked from here: wait for this job's machine rank 0.
+            log.info("%s: the lock is `mistral-tune %s`'s (%s%s); waiting up to %gs for machine rank 0 of this job "
+                     "to take it", run_dir, holder.get("command", "?"), _who(holder),
+                     ", no longer running" if running is False else "", timeout_s)
+        elif not announced:
             log.info("%s: machine rank %d waiting for machine rank 0 to take the run_dir lock (up to %gs)",
                      run_dir, machine_rank, timeout_s)
-            announced = True
+        announced = True
         time.sleep(poll_s)
 
 
@@ -163,17 +161,15 @@ def acquire(run_dir: str | Path, command: str, job: dict | None = None) -> Path 
         holder = read_holder(path)
         if holder is None:
             continue
-        pid, host = holder.get("pid"), holder.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
-            log.warning("%s: taking over a stale lock of process %s on %s (%s, no longer running)",
-                        run_dir, pid, host, holder.get("command", "?"))
+        if _running(holder) is False:
+            log.warning("%s: taking over a stale lock of %s (%s, no longer running)",
+                        run_dir, _who(holder), holder.get("command", "?"))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             continue
-        who = f"process {pid} on {host}" if pid else "another process"
         since = f" since {holder['since']}" if holder.get("since") else ""
         raise UserError(
-            f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({who}{since}) is running in it",
+            f"run_dir={run_dir} is busy: `mistral-tune {holder.get('command', '?')}` ({_who(holder)}{since}) is running in it",
             hint=f"wait for it, or use another run_dir=...; if it is not running, delete {path}",
         )
     raise UserError(f"run_dir={run_dir}: could not take the lock {path}")
