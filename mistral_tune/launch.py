@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from mistral_tune.config import REPO_ROOT
 from mistral_tune.errors import UserError
+from mistral_tune.lock import job_of
 
 log = logging.getLogger("mistral_tune")
 
@@ -105,8 +106,7 @@ def run_launched(cfg: DictConfig, stage: str, overrides: list[str]) -> None:
         if joined:
             raise UserError(
                 f"{stage}{where}: only {joined['n']} of {cfg.launcher.num_machines} machines joined the rendezvous "
-                f"{cfg.launcher.main_process_ip}:{cfg.launcher.main_process_port or 29500} within "
-                f"launcher.timeout_s={cfg.launcher.timeout_s:g}s",
+                f"{job_of(cfg.launcher)['rendezvous']} within launcher.timeout_s={cfg.launcher.timeout_s:g}s",
                 hint="start the same command on every machine (launcher.machine_rank=1, ...) with the same "
                      "launcher.main_process_ip/main_process_port, and check that they can reach this address")
         raise UserError(f"{stage} under launcher={cfg.launcher.name}{where} exited with status {proc.returncode}:\n"
